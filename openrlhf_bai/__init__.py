@@ -1,0 +1,20 @@
+"""Balanced Actor Initialization (arXiv 2509.00309) for OpenRLHF.
+
+Exports are imported on first use, so `import openrlhf_bai` (and the CLI) does not pay for torch or OpenRLHF.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BAIRecipe": "openrlhf_bai.recipe",
+    "merge": "openrlhf_bai.merger",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'openrlhf_bai' has no attribute {name!r}")

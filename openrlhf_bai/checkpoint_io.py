@@ -1,0 +1,239 @@
+"""Checkpoint I/O, kept apart from the merge arithmetic.
+
+- `open_checkpoint`: resolve a local directory or hub id and read config.json and every safetensors header
+  (no tensor data), refusing pickle-only checkpoints, truncated shards and index entries that leave the directory.
+- `read_rows`: rows of one tensor as a zero-copy view of the memory-mapped file.
+- `safetensors_header` / `tensor_bytes`: a shard is written as its header followed by tensor bytes in order, so
+  the writer never holds a whole tensor, let alone a whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from openrlhf_bai.errors import BAIError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+_SAMPLE = 64 * 1024  # bytes of tensor data hashed at each end of a shard for the fingerprint
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+
+
+@dataclass
+class Checkpoint:
+    label: str  # e.g. "sft[2] (/models/reasoning)": how errors name this input
+    path: str  # as the user gave it
+    directory: Path
+    revision: str | None  # hub commit, for hub ids
+    config: dict
+    tensors: dict[str, TensorInfo]
+    file_sizes: dict[str, int]
+    fingerprint: str = ""
+    _maps: dict = field(default_factory=dict, repr=False)
+
+
+def resolve_directory(path: str) -> tuple[Path, str | None]:
+    """A local checkpoint directory, or a hub id resolved with huggingface_hub (which honours HF_HUB_OFFLINE)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local.resolve(), None
+    if local.exists():
+        raise BAIError(f"{path} is a file; expected a checkpoint directory")
+    if path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        raise BAIError(f"checkpoint not found: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(path, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline without a cached copy, unknown repo, no network: all "not found" to the user
+        raise BAIError(f"checkpoint not found: {path} is no local directory and no reachable hub id ({type(e).__name__})")
+    return snapshot, snapshot.name
+
+
+def read_header(file: Path) -> tuple[dict, bytes, int]:
+    """(header dict without metadata, raw header bytes, data start offset); checks the file is complete."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise BAIError(f"{file}: truncated or corrupt safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > min(_MAX_HEADER, size - 8):
+            raise BAIError(f"{file}: truncated or corrupt safetensors file (header length {n} exceeds the file)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BAIError(f"{file}: corrupt safetensors header (not JSON)")
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end != size:
+        raise BAIError(f"{file}: truncated or corrupt safetensors file (header describes {8 + n + end} bytes, file has {size})")
+    return header, raw, 8 + n
+
+
+def open_checkpoint(path: str, label: str) -> Checkpoint:
+    """Read config.json and all safetensors headers of one input; reads no tensor data except fingerprint samples."""
+    directory, revision = resolve_directory(path)
+    index_file, single_file = directory / INDEX_NAME, directory / SINGLE_NAME
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise BAIError(f"{index_file}: corrupt index (expected JSON with a weight_map)")
+        shards = {}
+        for name, shard in weight_map.items():
+            target = (directory / shard).resolve()
+            if os.path.isabs(shard) or target.parent != directory.resolve():
+                raise BAIError(f"{label}: index entry {name!r} points outside the checkpoint directory: {shard}")
+            if not target.is_file():
+                raise BAIError(f"{label}: shard {shard} listed in {INDEX_NAME} is missing")
+            shards.setdefault(target, []).append(name)
+    elif single_file.exists():
+        shards = {single_file: None}
+    elif any((directory / n).exists() for n in PICKLE_NAMES) or list(directory.glob("*.bin")):
+        raise BAIError(
+            f"{label}: only pickle weights (*.bin / *.pt) in {directory}; openrlhf-bai reads safetensors only. "
+            "Convert once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)"
+        )
+    else:
+        raise BAIError(f"{label}: no {SINGLE_NAME} or {INDEX_NAME} in {directory}")
+
+    config_file = directory / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise BAIError(f"{label}: no config.json in {directory}")
+    except json.JSONDecodeError:
+        raise BAIError(f"{config_file}: corrupt config.json")
+
+    digest = hashlib.sha256(config_file.read_bytes())
+    tensors, sizes = {}, {}
+    for file in sorted(shards):
+        header, raw, start = read_header(file)
+        expected = shards[file]
+        if expected is not None and not set(expected) <= set(header):
+            missing = sorted(set(expected) - set(header))[:3]
+            raise BAIError(f"{file}: corrupt shard, tensors listed in the index are missing: {', '.join(missing)}")
+        for name, v in header.items():
+            if v["dtype"] not in DTYPES:
+                raise BAIError(f"{file}: tensor {name} has unsupported dtype {v['dtype']}")
+            tensors[name] = TensorInfo(file, DTYPES[v["dtype"]], tuple(v["shape"]), start + v["data_offsets"][0])
+        sizes[file.name] = file.stat().st_size
+        # Headers and sizes alone cannot tell a fine-tune from its base; a sample of the data can.
+        with open(file, "rb") as f:
+            digest.update(file.name.encode() + raw + f.read(_SAMPLE))
+            f.seek(max(start, sizes[file.name] - _SAMPLE))
+            digest.update(f.read(_SAMPLE))
+    return Checkpoint(label, path, directory, revision, config, tensors, sizes, digest.hexdigest())
+
+
+def read_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor (dim 0; a 0-d tensor is one row), viewing the mapped file without a copy."""
+    info = ckpt.tensors[name]
+    row_numel = _row_numel(info.shape)
+    item = torch.empty((), dtype=info.dtype).element_size()
+    if info.file not in ckpt._maps:
+        with open(info.file, "rb") as f:
+            ckpt._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    count = (stop - start) * row_numel
+    rows_shape = (stop - start, *info.shape[1:]) if info.shape else ()
+    if count == 0:
+        return torch.empty(rows_shape, dtype=info.dtype)
+    with warnings.catch_warnings():  # the map is read-only and nothing writes to these views
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(ckpt._maps[info.file], dtype=info.dtype, count=count,
+                                offset=info.offset + start * row_numel * item)
+    return flat.view(rows_shape)
+
+
+def close(ckpt: Checkpoint) -> None:
+    for m in ckpt._maps.values():
+        m.close()
+    ckpt._maps.clear()
+
+
+def _row_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    return shape[0] if shape else 1
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        n *= d
+    return n
+
+
+def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
+    """The 8-byte length and JSON header of a shard holding `entries` in order (metadata format=pt)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in entries:
+        size = nbytes(shape, dtype)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns tensor data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9 (decimal units as in transformers), '2GiB' -> 2**31, or plain bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    s = str(text).strip().upper()
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise BAIError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB")
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

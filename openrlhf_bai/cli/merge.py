@@ -1,0 +1,68 @@
+"""`openrlhf-bai merge`: the BAI merge from the command line, a thin layer over BAIRecipe and merge()."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="openrlhf-bai merge",
+        description="M_sft = sum_i w_i * M_i, then M_bai = alpha * M_base + (1 - alpha) * M_sft (arXiv 2509.00309).",
+    )
+    p.add_argument("--base", required=True, help="pretrained base model: local directory or hub id")
+    p.add_argument("--sft", required=True, nargs="+", help="SFT models (e.g. instruct, then reasoning)")
+    p.add_argument("--sft-weights", type=float, nargs="+", default=None, help="stage-1 weights (default: equal)")
+    p.add_argument("--alpha", type=float, default=0.5, help="share of the base in the actor (default 0.5)")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: the base's dtype")
+    p.add_argument("--max-shard-size", default="5GB", help="as in transformers (default 5GB)")
+    p.add_argument("--config-from", default=None, help="input that supplies config.json (default: first --sft)")
+    p.add_argument("--tokenizer-from", default=None, help="input that supplies the tokenizer (default: first --sft)")
+    p.add_argument("--normalize", action="store_true", help="rescale SFT weights that do not sum to 1")
+    p.add_argument("--vocab-mismatch", choices=["error", "renormalize"], default="error",
+                   help="embedding rows only some inputs have: refuse (default) or merge each row over its owners")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--dry-run", action="store_true", help="run every check and print the plan; write nothing")
+    p.add_argument("--export-mergekit", metavar="FILE", default=None, help="also write the equivalent mergekit YAML")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from openrlhf_bai.merger import check_destination, existing_parent, merge, plan_merge
+    from openrlhf_bai.recipe import BAIRecipe, to_mergekit_yaml
+
+    a = build_parser().parse_args(argv)
+    recipe = BAIRecipe(
+        base=a.base, sft=tuple(a.sft), sft_weights=tuple(a.sft_weights) if a.sft_weights else None, alpha=a.alpha,
+        dtype=a.dtype, normalize=a.normalize, config_from=a.config_from, tokenizer_from=a.tokenizer_from,
+        vocab_mismatch=a.vocab_mismatch, max_shard_size=a.max_shard_size,
+    )
+    plan = plan_merge(recipe)
+    output = Path(a.output).expanduser().absolute()
+    reuse = check_destination(output, plan, a.overwrite)
+    coefficients = ", ".join(f"{c.label.split()[0]}={w:.4g}" for c, w in zip(plan.inputs, recipe.coefficients()))
+    print(f"BAI merge: alpha={recipe.alpha:g}, coefficients {coefficients}, dtype {plan.out_dtype}")
+    print(f"  {len(plan.tensors)} tensors in {len(plan.shards)} shard(s); read {plan.bytes_to_read / 1e6:.1f} MB, "
+          f"write {plan.bytes_to_write / 1e6:.1f} MB; recipe hash {plan.recipe_hash[:16]}")
+    if a.export_mergekit:
+        Path(a.export_mergekit).write_text(to_mergekit_yaml(recipe, plan.out_dtype))
+        print(f"  mergekit equivalent written to {a.export_mergekit}")
+    if a.dry_run:
+        free = shutil.disk_usage(existing_parent(output)).free
+        state = "holds this merge already (would be reused)" if reuse else "would be written"
+        print(f"  dry run: {output} {state}; disk needed {plan.bytes_to_write / 1e6:.1f} MB, free {free / 1e9:.1f} GB")
+        return 0
+    merge(recipe, output, overwrite=a.overwrite, progress=not a.no_progress, plan=plan)
+    print(f"{'reused' if reuse else 'wrote'} {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    from openrlhf_bai.cli.main import run
+
+    sys.exit(run(main, sys.argv[1:]))

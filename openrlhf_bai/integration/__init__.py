@@ -1,0 +1,1 @@
+"""Integration with OpenRLHF: the launcher, the trainer hooks and the stability monitor."""

@@ -1,0 +1,314 @@
+"""The BAI merge, read top to bottom: plan (every check, before any tensor is read), then stream.
+
+plan_merge(recipe)      open each input's headers, check architecture / names / shapes / vocab rows, lay out shards
+merge(recipe, out)      take a file lock, reuse a finished identical merge, else stream tensor rows through
+                        `recipe.combine_rows` into shards in a temporary directory beside `out`, then rename it in
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from openrlhf_bai import checkpoint_io as io
+from openrlhf_bai.errors import BAIError
+from openrlhf_bai.recipe import DTYPES, BAIRecipe, combine_rows
+
+PROVENANCE = "bai_recipe.json"
+CHUNK_ELEMENTS = 1 << 23  # rows are merged in slices of ~8M elements (32 MB in fp32) to bound memory
+FORMAT_VERSION = 1  # bump when the output bytes for the same recipe would change
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]  # output shape
+    dtype: torch.dtype  # output dtype
+    rows: tuple[int, ...]  # each input's row count (equal unless the vocabulary differs)
+    merged: bool  # floating tensors are merged; others are copied from the config source
+
+
+@dataclass
+class MergePlan:
+    recipe: BAIRecipe
+    inputs: list[io.Checkpoint]  # base first, then the SFT models
+    tensors: list[TensorPlan]
+    shards: list[tuple[str, list[TensorPlan]]]
+    out_dtype: str  # bf16 / fp16 / fp32
+    config_src: int
+    tokenizer_src: int
+    recipe_hash: str
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(io.nbytes((r, *t.shape[1:]) if t.shape else (), c.tensors[t.name].dtype)
+                   for t in self.tensors for c, r in zip(self.inputs, t.rows))
+
+    @property
+    def bytes_to_write(self) -> int:
+        return sum(io.nbytes(t.shape, t.dtype) for t in self.tensors)
+
+
+def _labels(recipe: BAIRecipe) -> list[str]:
+    return [f"base ({recipe.base})"] + [f"sft[{i + 1}] ({p})" for i, p in enumerate(recipe.sft)]
+
+
+def _some(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def _is_vocab_tensor(name: str, shapes: list[tuple], inputs: list[io.Checkpoint]) -> bool:
+    """A tensor whose row count is each input's vocab_size (embeddings, lm_head) and whose other dims agree."""
+    return all(s[1:] == shapes[0][1:] and len(s) == len(shapes[0]) for s in shapes) and all(
+        s and s[0] == c.config.get("vocab_size") for s, c in zip(shapes, inputs)
+    )
+
+
+def plan_merge(recipe: BAIRecipe) -> MergePlan:
+    """Every check the merge needs, reading only configs and safetensors headers."""
+    recipe.validate()
+    labels = _labels(recipe)
+    paths = recipe.inputs()
+    inputs = [io.open_checkpoint(p, label) for p, label in zip(paths, labels)]
+    config_src = paths.index(recipe.config_from or recipe.sft[0])
+    tokenizer_src = paths.index(recipe.tokenizer_from or recipe.sft[0])
+
+    base = inputs[0]
+    arch = (base.config.get("architectures"), base.config.get("model_type"))
+    for c in inputs[1:]:
+        other = (c.config.get("architectures"), c.config.get("model_type"))
+        if other != arch:
+            raise BAIError(f"architecture differs: {base.label} is {arch[0]} ({arch[1]}), {c.label} is {other[0]} ({other[1]})")
+
+    # Tied embeddings: lm_head is the embedding, so a copy that only some inputs saved is dropped.
+    names_per_input = [set(c.tensors) for c in inputs]
+    if inputs[config_src].config.get("tie_word_embeddings", False):
+        names_per_input = [n - {"lm_head.weight"} for n in names_per_input]
+    for c, names in zip(inputs[1:], names_per_input[1:]):
+        if names != names_per_input[0]:
+            raise BAIError(
+                f"tensor names differ between {base.label} and {c.label}: "
+                f"only in base: {_some(names_per_input[0] - names) or '-'}; only in {c.label.split()[0]}: {_some(names - names_per_input[0]) or '-'}"
+            )
+
+    if recipe.dtype == "auto":
+        float_dtypes = [t.dtype for t in base.tensors.values() if t.dtype.is_floating_point]
+        out_dtype = {v: k for k, v in DTYPES.items()}.get(max(set(float_dtypes), key=float_dtypes.count), "fp32")
+    else:
+        out_dtype = recipe.dtype
+
+    tensors = []
+    for name in sorted(names_per_input[0]):
+        infos = [c.tensors[name] for c in inputs]
+        shapes = [i.shape for i in infos]
+        if any(s != shapes[0] for s in shapes):
+            if not _is_vocab_tensor(name, shapes, inputs):
+                k = next(k for k, s in enumerate(shapes) if s != shapes[0])
+                raise BAIError(f"shape mismatch for tensor {name}: {list(shapes[0])} in {base.label}, {list(shapes[k])} in {inputs[k].label}")
+            if recipe.vocab_mismatch == "error":
+                rows = ", ".join(f"{s[0]} in {c.label.split()[0]}" for s, c in zip(shapes, inputs))
+                raise BAIError(
+                    f"vocabulary sizes differ: {name} has {rows} rows (an SFT model added tokens); pass "
+                    "--vocab-mismatch renormalize to merge each row over the inputs that have it"
+                )
+        merged = all(i.dtype.is_floating_point for i in infos)
+        out_shape = shapes[config_src]
+        tensors.append(TensorPlan(name, out_shape, DTYPES[out_dtype] if merged else infos[config_src].dtype,
+                                  tuple(io.rows_of(s) for s in shapes), merged))
+
+    # Shards as transformers lays them out: close a shard when the next tensor would pass the limit.
+    limit, shards, current, size = io.parse_size(recipe.max_shard_size), [], [], 0
+    for t in tensors:
+        n = io.nbytes(t.shape, t.dtype)
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += n
+    shards.append(current)
+    names = [io.SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    key = {
+        "format": FORMAT_VERSION, "coefficients": recipe.coefficients(), "alpha": recipe.alpha,
+        "weights": recipe.weights(), "dtype": out_dtype, "vocab_mismatch": recipe.vocab_mismatch,
+        "max_shard_size": limit, "config_src": config_src, "tokenizer_src": tokenizer_src,
+        "inputs": [c.fingerprint for c in inputs],
+        "tokenizer": _tokenizer_digest(inputs[tokenizer_src].directory),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return MergePlan(recipe, inputs, tensors, list(zip(names, shards)), out_dtype, config_src, tokenizer_src, digest)
+
+
+def _tokenizer_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for name in io.TOKENIZER_FILES + ("generation_config.json",):
+        if (directory / name).is_file():
+            h.update(name.encode() + (directory / name).read_bytes())
+    return h.hexdigest()
+
+
+def recipe_hash(recipe: BAIRecipe) -> str:
+    """Identifies the output: the recipe's numbers and a content fingerprint of every input."""
+    return plan_merge(recipe).recipe_hash
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPENRLHF_BAI_CACHE", Path.home() / ".cache" / "openrlhf_bai")).expanduser()
+
+
+def cache_dir_for(recipe: BAIRecipe, plan: MergePlan | None = None) -> Path:
+    """Where the launcher and `probe` keep merged checkpoints, one directory per recipe hash."""
+    plan = plan or plan_merge(recipe)
+    return cache_root() / "merged" / f"bai-{plan.recipe_hash[:16]}"
+
+
+def existing_merge_hash(output_dir: Path) -> str | None:
+    try:
+        return json.loads((output_dir / PROVENANCE).read_text())["recipe_hash"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def check_destination(output_dir: Path, plan: MergePlan, overwrite: bool) -> bool:
+    """True if output_dir already holds this merge; raise if it holds something else and overwrite is off."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BAIError(f"output {output_dir} exists and is not a directory")
+    if existing_merge_hash(output_dir) == plan.recipe_hash:
+        return True
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise BAIError(f"output directory {output_dir} exists and is not empty; pass --overwrite to replace it")
+    free = shutil.disk_usage(existing_parent(output_dir)).free
+    if free < plan.bytes_to_write:
+        raise BAIError(f"not enough disk for {output_dir}: {plan.bytes_to_write / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
+    return False
+
+
+def existing_parent(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def merge(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+          plan: MergePlan | None = None) -> Path:
+    """Merge into output_dir and return it. A finished merge of the same recipe there is reused untouched;
+    two processes merging the same recipe do the work once. On any failure nothing is left at output_dir."""
+    from filelock import FileLock
+
+    plan = plan or plan_merge(recipe)
+    output_dir = Path(output_dir).expanduser().absolute()
+    if check_destination(output_dir, plan, overwrite):
+        return output_dir
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(output_dir.parent / f".{output_dir.name}.lock")):
+        if check_destination(output_dir, plan, overwrite):  # another process finished it while we waited
+            return output_dir
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users of a shared FS
+        try:
+            _write_merge(plan, tmp, progress)
+            if output_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+                os.replace(output_dir, old / "d")
+                os.replace(tmp, output_dir)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, output_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            for c in plan.inputs:
+                io.close(c)
+    return output_dir
+
+
+def _write_merge(plan: MergePlan, out: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    recipe, inputs = plan.recipe, plan.inputs
+    coefficients = recipe.coefficients()
+    bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="BAI merge",
+               disable=None if progress else True)
+    weight_map = {}
+    for shard_name, entries in plan.shards:
+        with open(out / shard_name, "wb") as f:
+            f.write(io.safetensors_header([(t.name, t.shape, t.dtype) for t in entries]))
+            for t in entries:
+                weight_map[t.name] = shard_name
+                rows = io.rows_of(t.shape)
+                step = max(1, CHUNK_ELEMENTS // max(1, io.nbytes(t.shape, torch.uint8) // max(rows, 1)))
+                for start in range(0, rows, step):
+                    stop = min(rows, start + step)
+                    if not t.merged:
+                        chunk = io.read_rows(inputs[plan.config_src], t.name, start, stop)
+                    else:
+                        chunk = _merge_rows(inputs, t, start, stop, coefficients, recipe)
+                    f.write(io.tensor_bytes(chunk))
+                    bar.update(chunk.numel() * chunk.element_size())
+    bar.close()
+
+    if len(plan.shards) > 1:
+        io.write_json(out / io.INDEX_NAME, {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map})
+    config = dict(inputs[plan.config_src].config)
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.out_dtype]
+    io.write_json(out / "config.json", config)
+    src = inputs[plan.config_src].directory / "generation_config.json"
+    if src.is_file():
+        shutil.copyfile(src, out / "generation_config.json")
+    for name in io.TOKENIZER_FILES:
+        if (inputs[plan.tokenizer_src].directory / name).is_file():
+            shutil.copyfile(inputs[plan.tokenizer_src].directory / name, out / name)
+    io.write_json(out / PROVENANCE, provenance(plan))
+
+
+def _merge_rows(inputs, t: TensorPlan, start: int, stop: int, coefficients, recipe) -> torch.Tensor:
+    """Merged rows [start, stop) of one tensor. Rows only some inputs have (a grown vocabulary) are merged
+    over those inputs with their weights renormalized; the range is cut where the set of owners changes."""
+    pieces, cut = [], start
+    for edge in sorted({r for r in t.rows if start < r < stop} | {stop}):
+        owners = [k for k, r in enumerate(t.rows) if r >= edge]
+        chunk = combine_rows(
+            [io.read_rows(inputs[k], t.name, cut, edge) for k in owners],
+            owners, recipe.alpha, recipe.weights(), t.dtype,
+        )
+        if not torch.isfinite(chunk).all():
+            _raise_non_finite(inputs, owners, t, cut, edge)
+        pieces.append(chunk)
+        cut = edge
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _raise_non_finite(inputs, owners, t: TensorPlan, start: int, stop: int):
+    for k in owners:
+        if not torch.isfinite(io.read_rows(inputs[k], t.name, start, stop).float()).all():
+            raise BAIError(f"non-finite values (NaN or Inf) in tensor {t.name} of {inputs[k].label}")
+    raise BAIError(f"tensor {t.name} overflows {t.dtype} after merging; choose a wider --dtype")
+
+
+def provenance(plan: MergePlan) -> dict:
+    from openrlhf_bai import __version__
+
+    return {
+        "recipe": plan.recipe.as_dict(),
+        "recipe_hash": plan.recipe_hash,
+        "output_dtype": plan.out_dtype,
+        "openrlhf_bai_version": __version__,
+        "inputs": [
+            {"role": "base" if k == 0 else "sft", "path": c.path, "revision": c.revision,
+             "file_sizes": c.file_sizes, "fingerprint": c.fingerprint}
+            for k, c in enumerate(plan.inputs)
+        ],
+    }

@@ -1,0 +1,131 @@
+"""The BAI recipe and its arithmetic (arXiv 2509.00309).
+
+    M_sft = sum_i w_i * M_i                      (stage 1, sum w_i = 1)
+    M_bai = alpha * M_base + (1 - alpha) * M_sft  (stage 2)
+
+Both stages are linear, so each output tensor is one weighted sum of the inputs:
+    M_bai = alpha * M_base + sum_i (1 - alpha) * w_i * M_i
+`coefficients()` gives those per-input weights (for provenance and the mergekit export); `combine_rows()`
+computes the two stages in fp32 with one cast at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from openrlhf_bai.errors import BAIError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+VOCAB_POLICIES = ("error", "renormalize")
+
+
+@dataclass(frozen=True)
+class BAIRecipe:
+    """What to merge. Paths are local directories or Hugging Face hub ids."""
+
+    base: str
+    sft: tuple[str, ...]
+    sft_weights: tuple[float, ...] | None = None  # None: equal weights
+    alpha: float = 0.5  # share of the pretrained base in the actor
+    dtype: str = "auto"  # auto: the base's dtype
+    normalize: bool = False  # rescale sft_weights that do not sum to 1
+    config_from: str | None = None  # input that supplies config, generation config; default: first SFT model
+    tokenizer_from: str | None = None  # input that supplies tokenizer files; default: first SFT model
+    # Embedding/lm_head rows that only some inputs have (an SFT model added tokens):
+    # "error" refuses; "renormalize" merges each such row over the inputs that have it, weights rescaled to 1.
+    vocab_mismatch: str = "error"
+    max_shard_size: str = "5GB"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sft", tuple(str(p) for p in self.sft))
+        object.__setattr__(self, "base", str(self.base))
+        if self.sft_weights is not None:
+            object.__setattr__(self, "sft_weights", tuple(float(w) for w in self.sft_weights))
+
+    def validate(self) -> None:
+        """Raise BAIError for a recipe that cannot be merged, before any file is opened."""
+        if not self.sft:
+            raise BAIError("at least one SFT model is needed (--sft)")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise BAIError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise BAIError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.vocab_mismatch not in VOCAB_POLICIES:
+            raise BAIError(f"vocab_mismatch must be one of {', '.join(VOCAB_POLICIES)}; got {self.vocab_mismatch!r}")
+        if self.sft_weights is not None:
+            if len(self.sft_weights) != len(self.sft):
+                raise BAIError(
+                    f"{len(self.sft_weights)} SFT weights given for {len(self.sft)} SFT models; give one weight per model"
+                )
+            if any(not math.isfinite(w) or w < 0 for w in self.sft_weights):
+                raise BAIError(f"SFT weights must be finite and non-negative, got {list(self.sft_weights)}")
+            total = sum(self.sft_weights)
+            if total <= 0:
+                raise BAIError("SFT weights sum to 0")
+            if not self.normalize and abs(total - 1.0) > 1e-6:
+                raise BAIError(f"SFT weights sum to {total:g}, not 1; pass --normalize to rescale them")
+        for name, value in (("config_from", self.config_from), ("tokenizer_from", self.tokenizer_from)):
+            if value is not None and value not in (self.base, *self.sft):
+                raise BAIError(f"{name} must be the base or one of the SFT models, got {value!r}")
+
+    def weights(self) -> tuple[float, ...]:
+        """Stage-1 weights, equal by default, rescaled to sum to 1 when normalize is set."""
+        w = self.sft_weights or tuple(1.0 / len(self.sft) for _ in self.sft)
+        total = sum(w)
+        return tuple(x / total for x in w)
+
+    def coefficients(self) -> tuple[float, ...]:
+        """Weight of each input in the output, in input order (base first, then the SFT models)."""
+        return (self.alpha, *((1.0 - self.alpha) * w for w in self.weights()))
+
+    def inputs(self) -> tuple[str, ...]:
+        return (self.base, *self.sft)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        d["sft"] = list(self.sft)
+        d["sft_weights"] = list(self.weights())
+        d["coefficients"] = list(self.coefficients())
+        d["config_from"] = self.config_from or self.sft[0]
+        d["tokenizer_from"] = self.tokenizer_from or self.sft[0]
+        return d
+
+
+def combine_rows(tensors: list[torch.Tensor], owners: list[int], alpha: float, weights: tuple[float, ...],
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """The two-stage formula in fp32, cast once: alpha * base + (1 - alpha) * sum_i w_i * sft_i.
+
+    `owners` says which input each tensor is (0 = base, i = SFT model i). All inputs own ordinary rows; rows that
+    only some inputs have (a grown vocabulary) are merged over their owners with the weights rescaled to 1.
+    """
+    sft = [(t, weights[k - 1]) for t, k in zip(tensors, owners) if k > 0]
+    base = tensors[0] if owners[0] == 0 else None
+    if not sft:
+        return base.to(torch.float32).to(out_dtype)
+    if len(sft) < len(weights):
+        total = sum(w for _, w in sft)
+        sft = [(t, w / total) for t, w in sft]
+    acc = sft[0][0].to(torch.float32) * sft[0][1]  # out of place: inputs are read-only views of the files
+    for t, w in sft[1:]:
+        acc += t.to(torch.float32) * w
+    if base is None:
+        return acc.to(out_dtype)
+    acc *= 1.0 - alpha
+    acc += base.to(torch.float32) * alpha
+    return acc.to(out_dtype)
+
+
+def to_mergekit_yaml(recipe: BAIRecipe, out_dtype: str) -> str:
+    """The equivalent one-stage mergekit linear merge (stage 1 and 2 folded into per-model weights)."""
+    mk_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[out_dtype]
+    lines = ["merge_method: linear", f"dtype: {mk_dtype}", "parameters:", "  normalize: false", "models:"]
+    for path, coef in zip(recipe.inputs(), recipe.coefficients()):
+        lines += [f"  - model: {path}", "    parameters:", f"      weight: {coef!r}"]
+    src = recipe.tokenizer_from or recipe.sft[0]
+    lines += [f"tokenizer_source: {src}", ""]
+    return "\n".join(lines)
