@@ -2,7 +2,7 @@
 
 - `open_checkpoint`: resolve a local directory or hub id and read config.json and every safetensors header
   (no tensor data), refusing pickle-only checkpoints, truncated shards and index entries that leave the directory.
-- `read_rows`: rows of one tensor as a zero-copy view of the memory-mapped file.
+- `read_rows`: rows of one tensor, read on demand; nothing else of the model is in memory.
 - `safetensors_header` / `tensor_bytes`: a shard is written as its header followed by tensor bytes in order, so
   the writer never holds a whole tensor, let alone a whole model.
 """
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +56,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     file_sizes: dict[str, int]
     fingerprint: str = ""
-    _maps: dict = field(default_factory=dict, repr=False)
+    _files: dict = field(default_factory=dict, repr=False)  # open descriptors, by path
 
 
 def resolve_directory(path: str) -> tuple[Path, str | None]:
@@ -158,28 +156,24 @@ def open_checkpoint(path: str, label: str) -> Checkpoint:
 
 
 def read_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a tensor (dim 0; a 0-d tensor is one row), viewing the mapped file without a copy."""
+    """Rows [start, stop) of a tensor (dim 0; a 0-d tensor is one row), read with pread into a fresh buffer.
+    Plain reads rather than a memory map: mapped pages would count in the process's RSS for the whole merge."""
     info = ckpt.tensors[name]
     row_numel = _row_numel(info.shape)
-    item = torch.empty((), dtype=info.dtype).element_size()
-    if info.file not in ckpt._maps:
-        with open(info.file, "rb") as f:
-            ckpt._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    count = (stop - start) * row_numel
-    rows_shape = (stop - start, *info.shape[1:]) if info.shape else ()
-    if count == 0:
-        return torch.empty(rows_shape, dtype=info.dtype)
-    with warnings.catch_warnings():  # the map is read-only and nothing writes to these views
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(ckpt._maps[info.file], dtype=info.dtype, count=count,
-                                offset=info.offset + start * row_numel * item)
-    return flat.view(rows_shape)
+    out = torch.empty(((stop - start) * row_numel,), dtype=info.dtype)
+    if out.numel():
+        if info.file not in ckpt._files:
+            ckpt._files[info.file] = os.open(info.file, os.O_RDONLY)
+        buf = memoryview(out.view(torch.uint8).numpy())
+        if os.preadv(ckpt._files[info.file], [buf], info.offset + start * row_numel * out.element_size()) != len(buf):
+            raise BAIError(f"{info.file}: truncated while reading tensor {name} (file changed during the merge?)")
+    return out.view((stop - start, *info.shape[1:]) if info.shape else ())
 
 
 def close(ckpt: Checkpoint) -> None:
-    for m in ckpt._maps.values():
-        m.close()
-    ckpt._maps.clear()
+    for fd in ckpt._files.values():
+        os.close(fd)
+    ckpt._files.clear()
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:

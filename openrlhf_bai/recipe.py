@@ -106,18 +106,24 @@ def combine_rows(tensors: list[torch.Tensor], owners: list[int], alpha: float, w
     sft = [(t, weights[k - 1]) for t, k in zip(tensors, owners) if k > 0]
     base = tensors[0] if owners[0] == 0 else None
     if not sft:
-        return base.to(torch.float32).to(out_dtype)
+        return base.to(out_dtype)
     if len(sft) < len(weights):
         total = sum(w for _, w in sft)
         sft = [(t, w / total) for t, w in sft]
-    acc = sft[0][0].to(torch.float32) * sft[0][1]  # out of place: inputs are read-only views of the files
+    acc = _scaled(*sft[0])
     for t, w in sft[1:]:
-        acc += t.to(torch.float32) * w
+        acc += _scaled(t, w)
     if base is None:
         return acc.to(out_dtype)
     acc *= 1.0 - alpha
-    acc += base.to(torch.float32) * alpha
+    acc += _scaled(base, alpha)
     return acc.to(out_dtype)
+
+
+def _scaled(t: torch.Tensor, c: float) -> torch.Tensor:
+    """fp32(t) * c in one pass: a one-element fp32 operand makes the product fp32, so the input is widened on
+    the fly (exactly) instead of in a separate cast; the rounding is the same as widening first."""
+    return torch.mul(t, torch.tensor([c], dtype=torch.float32)).view(t.shape)
 
 
 def to_mergekit_yaml(recipe: BAIRecipe, out_dtype: str) -> str:

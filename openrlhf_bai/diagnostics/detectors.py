@@ -47,11 +47,13 @@ def first_value(metrics: Mapping[str, Any], keys: Iterable[str]) -> float | None
 
 def new_state() -> dict:
     """Detector state: plain numbers and lists only, so it fits in client_states and JSON."""
-    track = {"window": [], "base_mean": None, "base_std": None, "ema": None, "run": 0}
+    def track(**extra) -> dict:  # a fresh window list per track: a shared one mixes lengths and rewards
+        return {"window": [], "base_mean": None, "base_std": None, "ema": None, "run": 0, **extra}
+
     return {
         "steps": 0,
-        "length": dict(track, detected_step=None, min_ratio=None),
-        "reward": dict(track, drop_step=None, depth=0.0, recovery_steps=None),
+        "length": track(detected_step=None, min_ratio=None),
+        "reward": track(drop_step=None, depth=0.0, recovery_steps=None),
     }
 
 

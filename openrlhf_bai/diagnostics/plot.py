@@ -96,7 +96,8 @@ def plot_runs(path: str | Path, runs: list[dict], th: Thresholds) -> None:
         handles=ax_reward.get_legend_handles_labels()[0]
         + [
             Line2D([], [], color=grey, ls="--", lw=0.9, label="drawdown (right axis)"),
-            Line2D([], [], color=grey, ls=":", lw=1.2, label=f"hockey-stick threshold ({th.hockey_drawdown:g} spreads)"),
+            Line2D([], [], color=grey, ls=":", lw=1.2,
+                   label=f"hockey-stick threshold ({th.hockey_drawdown:g} spreads)"),
             Patch(facecolor=grey, alpha=0.25, hatch="//", label="hockey stick: drop to recovery"),
         ],
         fontsize="small",

@@ -17,6 +17,7 @@ Kinds:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -45,7 +46,7 @@ EVENT_FILE_GLOB = "events.out.tfevents.*"
 def detect_kind(path: Path) -> str:
     if path.is_dir() or EVENT_FILE_GLOB.rstrip("*") in path.name:
         return "tensorboard"
-    head = _read_text(path)[:65536]
+    head = _read_text(path, limit=65536)
     first_line = next((line for line in head.splitlines() if line.strip()), "")
     if first_line.lstrip().startswith("{"):
         return "jsonl"
@@ -69,10 +70,11 @@ def read_rows(path: str | Path, kind: str | None = None) -> tuple[str, list[tupl
     return kind, rows
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, limit: int = -1) -> str:
     if path.is_dir():
         raise BAIError(f"{path}: is a directory; only a TensorBoard run can be a directory")
-    data = path.read_bytes()
+    with path.open("rb") as f:
+        data = f.read(limit)
     if not data.strip():
         raise BAIError(f"{path}: file is empty; expected {EXPECTED}")
     if b"\x00" in data[:65536]:
@@ -81,14 +83,17 @@ def _read_text(path: Path) -> str:
 
 
 def _append(rows: list, step: int, metrics: dict) -> None:
-    """Add one step. A step logged again (a run resumed from an earlier checkpoint) replaces what the
-    first attempt logged from that step on, as TensorBoard does on a restart."""
-    merged = {}
-    while rows and rows[-1][0] >= step:
+    """Add one step. The same step again (wandb writes one step in several rows) adds to it. An earlier step
+    means the run was resumed from an earlier checkpoint: the new attempt replaces the old one from that step on,
+    as TensorBoard does on a restart."""
+    restarted = False
+    while rows and rows[-1][0] > step:
+        rows.pop()
+        restarted = True
+    if rows and rows[-1][0] == step:
         old_step, old_metrics = rows.pop()
-        if old_step == step:
-            merged = old_metrics
-    rows.append((step, {**merged, **metrics}))
+        metrics = metrics if restarted else {**old_metrics, **metrics}
+    rows.append((step, metrics))
 
 
 def _number(value) -> float | None:
@@ -102,13 +107,17 @@ def _number(value) -> float | None:
 
 def _read_stdout(path: Path) -> list:
     rows: list = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    # Split on newlines only: tqdm's \r redraws share a line with the logger's output, and line numbers stay
+    # the ones an editor shows.
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
         match = STEP_LINE.search(ANSI_ESCAPE.sub("", line))
         if not match:
             continue
         body = match.group(2).rstrip()
         if not body.endswith("}"):
-            raise BAIError(f"{path}:{lineno}: step line is cut off (truncated file?); expected '✨ Global step N: {{...}}'")
+            raise BAIError(
+                f"{path}:{lineno}: step line is cut off (truncated file?); expected '✨ Global step N: {{...}}'"
+            )
         _append(rows, int(match.group(1)), {key: float(value) for key, value in DICT_ITEM.findall(body)})
     if not rows:
         raise BAIError(f"{path}: no '✨ Global step N: {{...}}' lines; expected {EXPECTED}")
@@ -117,13 +126,15 @@ def _read_stdout(path: Path) -> list:
 
 def _read_jsonl(path: Path) -> list:
     rows: list = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise BAIError(f"{path}:{lineno}: not a JSON object (truncated file?); expected one {{\"step\": N, ...}} per line") from None
+            raise BAIError(
+                f"{path}:{lineno}: not a JSON object (truncated file?); expected one {{\"step\": N, ...}} per line"
+            ) from None
         step = _number(record.get("step")) if isinstance(record, dict) else None
         if step is None:
             raise BAIError(f"{path}:{lineno}: no \"step\" in this line; expected one {{\"step\": N, ...}} per line")
@@ -133,11 +144,12 @@ def _read_jsonl(path: Path) -> list:
 
 
 def _read_csv(path: Path) -> list:
-    table = csv.reader(_read_text(path).splitlines())
+    table = csv.reader(io.StringIO(_read_text(path), newline=""))
     header = [column.strip() for column in next(table)]
     step_column = next((c for c in CSV_STEP_COLUMNS if c in header), None)
     if step_column is None:
-        raise BAIError(f"{path}: no step column; expected a wandb CSV export with one of {', '.join(CSV_STEP_COLUMNS)}")
+        columns = ", ".join(CSV_STEP_COLUMNS)
+        raise BAIError(f"{path}: no step column; expected a wandb CSV export with one of {columns}")
     step_index = header.index(step_column)
     # Panel exports name a column "<run name> - train/rollout/reward_mean"; its __MIN/__MAX twins are ranges.
     names = {
@@ -180,7 +192,9 @@ def _read_tensorboard(path: Path) -> list:
         raise BAIError(f"{path}: cannot read TensorBoard events ({e}); expected {EXPECTED}") from None
     train_tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("train/")]
     if not train_tags:
-        raise BAIError(f"{path}: no train/* scalars; expected OpenRLHF's TensorboardLogger output")
+        raise BAIError(
+            f"{path}: no train/* scalars (empty or cut-off event file?); expected OpenRLHF's TensorboardLogger output"
+        )
     by_step: dict[int, dict[str, float]] = {}
     for tag in train_tags:
         for event in events.Scalars(tag):

@@ -1,0 +1,92 @@
+"""`openrlhf-bai probe`: merge a candidate per alpha, generate on the training prompts, measure length, EOS rate,
+KL to each parent and held-out perplexity, and suggest an alpha. The recipe is openrlhf_bai.probe."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from openrlhf_bai.probe import MAX_KL_BASE_SHARE, MIN_LENGTH_SHARE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="openrlhf-bai probe", description=__doc__.split("\n\n")[0])
+    merge = p.add_argument_group("the merge (as for `openrlhf-bai merge`; the same values reuse the same cache)")
+    merge.add_argument("--base", required=True, help="pretrained base model: local directory or hub id")
+    merge.add_argument("--sft", required=True, nargs="+", help="SFT models (e.g. instruct, then reasoning)")
+    merge.add_argument("--sft-weights", type=float, nargs="+", default=None, help="stage-1 weights (default: equal)")
+    merge.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                       help="candidate shares of the base, each in [0, 1] (default 0.1 0.3 0.5 0.7 0.9)")
+    merge.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: the base's dtype")
+    merge.add_argument("--max-shard-size", default="5GB", help="as in transformers (default 5GB)")
+    merge.add_argument("--config-from", default=None, help="input that supplies config.json (default: first --sft)")
+    merge.add_argument("--tokenizer-from", default=None, help="input that supplies the tokenizer (default: first --sft)")
+    merge.add_argument("--normalize", action="store_true", help="rescale SFT weights that do not sum to 1")
+    merge.add_argument("--vocab-mismatch", choices=["error", "renormalize"], default="error",
+                       help="embedding rows only some inputs have: refuse (default) or merge each row over its owners")
+
+    data = p.add_argument_group("prompts (OpenRLHF's prompt dataset form)")
+    data.add_argument("--prompts", required=True, help="JSONL file, one prompt per line (the training file works)")
+    data.add_argument("--input-key", default="input", help="JSON key of the prompt (as --data.input_key; default input)")
+    data.add_argument("--input-template", default=None, help="format string with {} (as --data.input_template)")
+    data.add_argument("--apply-chat-template", action="store_true",
+                      help="wrap each input with the tokenizer's chat template (as --data.apply_chat_template)")
+    data.add_argument("--num-prompts", type=int, default=128, help="use the first N prompts (default 128; 0: all)")
+    data.add_argument("--heldout", default=None, help="plain text file: perplexity on it measures knowledge kept")
+    data.add_argument("--heldout-max-tokens", type=int, default=16384, help="score at most this many tokens of it")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto",
+                     help="auto: vLLM when a GPU and vllm are present, else transformers generate")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="response budget (default 256)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy, deterministic (default)")
+    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (transformers)")
+
+    rule = p.add_argument_group("suggestion: the smallest alpha within both bounds")
+    rule.add_argument("--reasoning-sft", default=None,
+                      help="the length reference: 1-based index into --sft or a checkpoint directory (default: last --sft)")
+    rule.add_argument("--min-length-share", type=float, default=MIN_LENGTH_SHARE,
+                      help=f"mean length >= this share of the reasoning SFT's (default {MIN_LENGTH_SHARE})")
+    rule.add_argument("--max-kl-base-share", type=float, default=MAX_KL_BASE_SHARE,
+                      help=f"KL to base <= this share of the reasoning SFT's KL to base (default {MAX_KL_BASE_SHARE})")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--plot", default="bai-probe.png", help="PNG of length, EOS rate and KL against alpha")
+    out.add_argument("--json", default=None, help="also write every number to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from openrlhf_bai.probe import run_probe
+
+    a = build_parser().parse_args(argv)
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load would bury the probe's own lines
+    result = run_probe(
+        a.base, a.sft, a.alphas, a.prompts, sft_weights=a.sft_weights, normalize=a.normalize, dtype=a.dtype,
+        config_from=a.config_from, tokenizer_from=a.tokenizer_from, vocab_mismatch=a.vocab_mismatch,
+        max_shard_size=a.max_shard_size, reasoning_sft=a.reasoning_sft, input_key=a.input_key,
+        input_template=a.input_template, apply_chat_template=a.apply_chat_template, num_prompts=a.num_prompts or None,
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, engine=a.engine,
+        batch_size=a.batch_size, heldout=a.heldout, heldout_max_tokens=a.heldout_max_tokens,
+        min_length_share=a.min_length_share, max_kl_base_share=a.max_kl_base_share, plot_path=a.plot,
+        json_path=a.json,
+    )
+    s = result["suggestion"]
+    print(result["table"])
+    print(f"\nbounds: mean length >= {s['min_length']:.1f} tokens ({s['min_length_share']:g} x reasoning SFT), "
+          f"KL to base <= {s['max_kl_base']:.4g} ({s['max_kl_base_share']:g} x reasoning SFT)")
+    print(s["message"])
+    if s["alpha"] is not None:
+        path = next(r["path"] for r in result["rows"] if r["kind"] == "candidate" and r["alpha"] == s["alpha"])
+        print(f"  merged at {path}; --actor_init bai with this alpha and the same merge options reuses it")
+    print(f"plot: {a.plot}" + (f", numbers: {a.json}" if a.json else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    from openrlhf_bai.cli.main import run
+
+    sys.exit(run(main, sys.argv[1:]))

@@ -1,0 +1,267 @@
+"""`--actor_init bai` for OpenRLHF's train_ppo_ray: merge on the driver, point the actor at the merge, run OpenRLHF.
+
+run(argv), top to bottom:
+  split argv        the --actor_init / --bai.* flags (add_bai_arguments) from OpenRLHF's, which pass through untouched
+  init_actor(args)  materialize the BAI checkpoint (merged into the shared cache, or on every node) and point the
+                    actor, and a critic that is the actor, at it; a patched OpenRLHF parser calls the same function
+  rewrite argv      --actor.model_name_or_path (0.11) or --pretrain (up to 0.10), and the critic's flag
+  merge_only        print the OpenRLHF command, shell-quoted, and stop
+  start_ray         OpenRLHF's runtime_env env_vars + the worker setup hook (hooks.py) + the monitor's settings
+  runpy             OpenRLHF's own openrlhf.cli.train_ppo_ray as __main__: its parser, its checks, its train()
+
+Everything happens before OpenRLHF creates a Ray actor, a vLLM engine or a DeepSpeed engine, so the actor, the
+reference model, the vLLM engines, the tokenizer and a critic that defaults to the actor all load the merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import runpy
+import shlex
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from openrlhf_bai.diagnostics.detectors import Thresholds
+from openrlhf_bai.errors import BAIError
+from openrlhf_bai.integration.monitor import CONFIG_ENV, ON_COLLAPSE, check_config, monitor_config
+
+OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
+# The env_vars OpenRLHF's train() gives ray.init; a value set in the environment wins, as it does there.
+OPENRLHF_ENV_VARS = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+ACTOR_FLAGS = ("--actor.model_name_or_path", "--pretrain")  # OpenRLHF 0.11, up to 0.10
+CRITIC_FLAGS = ("--critic.model_name_or_path", "--critic_pretrain")
+RECIPE_FLAGS = ("base", "sft", "sft_weights", "output_dir")  # meaningless without --actor_init bai
+
+
+def add_bai_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --actor_init (alias --actor.init, dest "actor.init") and every --bai.* option (dests "bai.<name>")."""
+    th = Thresholds()
+    parser.add_argument("--actor_init", "--actor.init", dest="actor.init", choices=("none", "bai"), default="none",
+                        help="bai: initialize the actor with the BAI merge of --bai.base and --bai.sft (default none)")
+    parser.add_argument("--bai.base", default=None, help="pretrained base model: local directory or hub id")
+    parser.add_argument("--bai.sft", nargs="+", default=None,
+                        help="SFT models, e.g. instruct then reasoning (default: the actor path given to OpenRLHF)")
+    parser.add_argument("--bai.sft_weights", type=float, nargs="+", default=None,
+                        help="stage-1 weights, one per SFT model, summing to 1 (default: equal)")
+    parser.add_argument("--bai.alpha", type=float, default=0.5, help="share of the base in the actor (default 0.5)")
+    parser.add_argument("--bai.dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="dtype of the merged checkpoint (default auto: the base's)")
+    parser.add_argument("--bai.output_dir", default=None,
+                        help="directory for the merged actor (default: the shared cache, $OPENRLHF_BAI_CACHE or "
+                             "~/.cache/openrlhf_bai, one directory per recipe hash, reused by a repeat run)")
+    parser.add_argument("--bai.overwrite", action="store_true",
+                        help="replace a --bai.output_dir that holds something else")
+    parser.add_argument("--bai.materialize", choices=("shared", "per_node"), default="shared",
+                        help="shared (default): merge once on the driver, into a path every node can read; "
+                             "per_node: merge on every alive Ray node into the same local path, checked by recipe hash")
+    parser.add_argument("--bai.merge_only", action="store_true",
+                        help="merge, print the OpenRLHF command as the last line of stdout, exit")
+    parser.add_argument("--bai.stability", choices=("on", "off"), default="on",
+                        help="the stability monitor in the trainer (default on)")
+    parser.add_argument("--bai.on_collapse", choices=ON_COLLAPSE, default="warn",
+                        help="when a detector fires: warn (default), save an OpenRLHF checkpoint, "
+                             "or stop (save, then end training)")
+    parser.add_argument("--bai.baseline_steps", type=int, default=th.baseline_steps,
+                        help=f"first steps averaged into the length and reward baselines (default {th.baseline_steps})")
+    parser.add_argument("--bai.smoothing", type=float, default=th.smoothing,
+                        help=f"EMA weight of the newest step, 1 = no smoothing (default {th.smoothing})")
+    parser.add_argument("--bai.collapse_ratio", type=float, default=th.collapse_ratio,
+                        help=f"smoothed length / baseline below this is a collapse (default {th.collapse_ratio})")
+    parser.add_argument("--bai.hockey_drawdown", type=float, default=th.hockey_drawdown,
+                        help=f"baseline spreads the smoothed reward must fall below its baseline (default {th.hockey_drawdown})")
+    parser.add_argument("--bai.patience", type=int, default=th.patience,
+                        help=f"consecutive steps a condition must hold before it is raised (default {th.patience})")
+
+
+def init_actor(args) -> None:
+    """With args.actor.init == "bai": materialize the BAI checkpoint and point args.actor.model_name_or_path (and
+    args.critic.model_name_or_path where it is the actor's path) at it. `args` is OpenRLHF's hierarchized namespace
+    (args.actor, args.critic, args.bai); --bai.sft defaults to the actor path given."""
+    if args.actor.init != "bai":
+        return
+    from openrlhf_bai.recipe import BAIRecipe
+
+    bai, previous = args.bai, args.actor.model_name_or_path
+    if not bai.base:
+        raise BAIError("--actor_init bai needs --bai.base, the pretrained model the SFT models were trained from")
+    sft = bai.sft or ([previous] if previous else None)
+    if not sft:
+        raise BAIError("--actor_init bai needs --bai.sft or an actor path (taken as the one SFT model)")
+    recipe = BAIRecipe(base=bai.base, sft=tuple(sft), alpha=bai.alpha, dtype=bai.dtype,
+                       sft_weights=tuple(bai.sft_weights) if bai.sft_weights else None)
+    recipe.validate()
+    merged = str(materialize(recipe, bai))
+    args.actor.model_name_or_path = merged
+    critic = getattr(args, "critic", None)
+    if critic is not None and previous is not None and critic.model_name_or_path == previous:
+        critic.model_name_or_path = merged
+
+
+def materialize(recipe, bai) -> Path:
+    """The merged checkpoint's directory, written or reused where every node reads it (--bai.materialize)."""
+    from openrlhf_bai.merger import cache_dir_for, merge, plan_merge
+
+    plan = plan_merge(recipe)  # every check, reading headers only
+    out = Path(bai.output_dir).expanduser().absolute() if bai.output_dir else cache_dir_for(recipe, plan)
+    if bai.materialize == "shared":
+        return merge(recipe, out, overwrite=bai.overwrite, plan=plan)
+
+    # per_node: one task pinned to each alive node merges into the same local path (or finds it there).
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    start_ray(bai)
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    # num_cpus=0: it must run on every node, a head node without CPUs for tasks included.
+    task = ray.remote(num_cpus=0)(_merge_on_this_node)
+    results = ray.get([
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(recipe, str(out), bai.overwrite)
+        for node in nodes
+    ])
+    problems = []
+    for node, digest, error in results:
+        if error:
+            problems.append(f"node {node}: {error}")
+        elif digest != plan.recipe_hash:
+            problems.append(f"node {node}: recipe hash {str(digest)[:16]}, not the driver's {plan.recipe_hash[:16]} (its inputs differ)")
+        else:
+            print(f"openrlhf-bai: node {node}: {out} (recipe hash {digest[:16]})")
+    if problems:
+        raise BAIError(f"per-node merge into {out} failed on {len(problems)} of {len(nodes)} nodes: " + "; ".join(problems))
+    return out
+
+
+def _merge_on_this_node(recipe, output_dir: str, overwrite: bool) -> tuple[str, str | None, str | None]:
+    """(node id, recipe hash of the merge now at output_dir on this node, error message)."""
+    import ray
+
+    from openrlhf_bai.merger import existing_merge_hash, merge
+
+    node = ray.get_runtime_context().get_node_id()
+    try:
+        merge(recipe, output_dir, overwrite=overwrite, progress=False)
+    except BAIError as e:
+        return node, None, str(e)
+    return node, existing_merge_hash(Path(output_dir)), None
+
+
+def openrlhf_version() -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in importlib.metadata.version("openrlhf").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def driver_runtime_env(bai) -> dict:
+    """The runtime_env for ray.init: OpenRLHF's env_vars, the monitor's settings, the worker setup hook. Under
+    `ray job submit` Ray refuses a driver runtime_env that sets a key the job's sets again; the job's keys win."""
+    from openrlhf_bai.integration.hooks import SETUP_HOOK, ray_runtime_env
+
+    env_vars = {key: os.environ.get(key, default) for key, default in OPENRLHF_ENV_VARS.items()}
+    env_vars[CONFIG_ENV] = json.dumps(monitor_config(bai))
+    version = openrlhf_version()
+    if version is not None and version < (0, 11):
+        print(f"openrlhf-bai: OpenRLHF {'.'.join(map(str, version))} has no hooks for the stability monitor (0.11 "
+              "has); training runs without it, `openrlhf-bai diagnose` reads its logs afterwards", file=sys.stderr)
+        runtime_env = {"env_vars": env_vars}
+    else:
+        runtime_env = ray_runtime_env({"env_vars": env_vars})
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    if job.get("worker_process_setup_hook") not in (None, SETUP_HOOK):
+        raise BAIError(f"the job's runtime_env has worker_process_setup_hook {job['worker_process_setup_hook']!r}; "
+                       f"Ray takes one, so call {SETUP_HOOK}() from it")
+    for key in job:
+        if key != "env_vars":
+            runtime_env.pop(key, None)
+    for key in job.get("env_vars") or {}:
+        runtime_env["env_vars"].pop(key, None)
+    return runtime_env
+
+
+def start_ray(bai) -> None:
+    """ray.init with driver_runtime_env; a Ray already initialized in this process is left as it is, and one
+    reached through RAY_ADDRESS (`ray job submit`, `ray start`) is joined, as OpenRLHF's train() would."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(runtime_env=driver_runtime_env(bai))
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="openrlhf-bai train-ppo", allow_abbrev=False,
+        description="OpenRLHF's train_ppo_ray with Balanced Actor Initialization and the stability monitor. "
+                    "Every other flag goes to OpenRLHF unchanged (see python -m openrlhf.cli.train_ppo_ray --help).",
+    )
+    add_bai_arguments(parser)
+    ours, rest = parser.parse_known_args(argv)
+    flat = vars(ours)
+    bai = SimpleNamespace(**{key.removeprefix("bai."): value for key, value in flat.items() if key.startswith("bai.")})
+    check_config(monitor_config(bai))  # bad thresholds fail here, not in a Ray worker hours later
+    if flat["actor.init"] == "bai":
+        rest = _actor_init_bai(rest, bai)
+    else:
+        given = [f"--bai.{key}" for key in RECIPE_FLAGS if getattr(bai, key) is not None]
+        if given:
+            raise BAIError(f"{' '.join(given)} given without --actor_init bai; add --actor_init bai to merge")
+
+    command = [sys.executable, "-m", OPENRLHF_CLI, *rest]
+    if bai.merge_only:
+        print(shlex.join(command))
+        return 0
+
+    from openrlhf_bai.integration.flash_attn_cpu import make_flash_attn_importable
+
+    make_flash_attn_importable()
+    start_ray(bai)
+    saved_argv = sys.argv
+    sys.argv = [OPENRLHF_CLI, *rest]
+    try:
+        runpy.run_module(OPENRLHF_CLI, run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def _actor_init_bai(rest: list[str], bai) -> list[str]:
+    """OpenRLHF's arguments with the actor (and a critic that is the actor) pointed at the BAI checkpoint."""
+    # `--flag=value` split in two, so each path is one token to read and replace.
+    rest = [part for arg in rest for part in (arg.split("=", 1) if arg.split("=", 1)[0] in ACTOR_FLAGS + CRITIC_FLAGS else [arg])]
+    present = [flag for flag in ACTOR_FLAGS if flag in rest]
+    if len(present) > 1:
+        raise BAIError("both --actor.model_name_or_path (OpenRLHF 0.11) and --pretrain (up to 0.10) given; use one")
+    if present:
+        style = ACTOR_FLAGS.index(present[0])
+    else:  # no actor path given: the installed OpenRLHF's spelling
+        version = openrlhf_version()
+        style = 1 if version is not None and version < (0, 11) else 0
+    actor_flag, critic_flag = ACTOR_FLAGS[style], CRITIC_FLAGS[style]
+
+    def last_index(flag):  # argparse keeps the last occurrence
+        if flag not in rest:
+            return None
+        if rest[-1] == flag:
+            raise BAIError(f"{flag} needs a value")
+        return len(rest) - 1 - rest[::-1].index(flag)
+
+    actor_at, critic_at = last_index(actor_flag), last_index(critic_flag)
+    args = SimpleNamespace(
+        actor=SimpleNamespace(init="bai", model_name_or_path=rest[actor_at + 1] if actor_at is not None else None),
+        critic=SimpleNamespace(model_name_or_path=rest[critic_at + 1] if critic_at is not None else None),
+        bai=bai,
+    )
+    init_actor(args)
+    rest = list(rest)
+    if actor_at is None:
+        rest += [actor_flag, args.actor.model_name_or_path]
+    else:
+        rest[actor_at + 1] = args.actor.model_name_or_path
+    if critic_at is not None:
+        rest[critic_at + 1] = args.critic.model_name_or_path
+    print(f"openrlhf-bai: actor initialized from {args.actor.model_name_or_path} (alpha {bai.alpha:g})")
+    return rest

@@ -1,0 +1,122 @@
+"""The stability monitor: the built-in trainer callback (registered by hooks.install_hooks).
+
+Each step PPOTrainer.fit logs, the detectors of openrlhf_bai.diagnostics.detectors (the ones `diagnose` runs) turn
+rollout/response_length_mean and rollout/reward_mean into bai/* metrics, which are
+- added to the step's logs, so OpenRLHF's own wandb and TensorBoard loggers write them as train/bai/...;
+- appended, with the step's other numbers, to <ckpt.path>/bai_diagnostics.jsonl (`openrlhf-bai diagnose` reads it);
+- kept in client_states, so a run resumed from an OpenRLHF checkpoint keeps its baseline.
+When a detector fires: a warning through OpenRLHF's logger, then per --bai.on_collapse nothing more (warn),
+an OpenRLHF checkpoint at that step (save), or that checkpoint and the end of training (stop).
+
+Settings: trainer.args.bai when OpenRLHF's parser holds the --bai.* flags, else the JSON object in
+$OPENRLHF_BAI_MONITOR (the launcher puts it in the Ray runtime_env); a missing key takes its default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import asdict
+
+from openrlhf_bai.diagnostics.detectors import Thresholds, new_state, observe
+from openrlhf_bai.errors import BAIError
+
+CONFIG_ENV = "OPENRLHF_BAI_MONITOR"
+STATE_KEY = "bai_monitor"  # in OpenRLHF's client_states
+JSONL_NAME = "bai_diagnostics.jsonl"
+ON_COLLAPSE = ("warn", "save", "stop")
+DEFAULTS = {"stability": "on", "on_collapse": "warn", **asdict(Thresholds())}
+
+
+def monitor_config(bai) -> dict:
+    """The monitor's settings from a namespace holding the --bai.* flags (args.bai), defaults filled in."""
+    return {key: getattr(bai, key, default) for key, default in DEFAULTS.items()}
+
+
+def check_config(config: dict) -> None:
+    """Raise BAIError for settings the detectors cannot work with."""
+    if config["stability"] not in ("on", "off"):
+        raise BAIError(f"--bai.stability must be on or off, got {config['stability']!r}")
+    if config["on_collapse"] not in ON_COLLAPSE:
+        raise BAIError(f"--bai.on_collapse must be one of {', '.join(ON_COLLAPSE)}, got {config['on_collapse']!r}")
+    limits = {
+        "baseline_steps": (lambda v: v == int(v) and v >= 2, "an integer >= 2"),
+        "patience": (lambda v: v == int(v) and v >= 1, "an integer >= 1"),
+        "smoothing": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "collapse_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "hockey_drawdown": (lambda v: v > 0, "> 0"),
+    }
+    for key, (ok, expected) in limits.items():
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise BAIError(f"--bai.{key} must be {expected}, got {value!r}")
+
+
+def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states: dict) -> None:
+    from openrlhf.utils.logging_utils import init_logger
+
+    from openrlhf_bai.integration.hooks import request_checkpoint, request_stop
+
+    logger = init_logger("openrlhf_bai")
+    run = trainer.__dict__.get("_bai_monitor")
+    if run is None:  # this trainer's first step, or the first after a resume
+        args = trainer.args
+        given = monitor_config(args.bai) if hasattr(args, "bai") else json.loads(os.environ.get(CONFIG_ENV) or "{}")
+        config = {**DEFAULTS, **given}
+        check_config(config)
+        resumed = getattr(trainer, "bai_resumed_states", {}).get(STATE_KEY)
+        run = trainer._bai_monitor = {
+            "config": config,
+            "thresholds": Thresholds(**{key: config[key] for key in asdict(Thresholds())}),
+            "state": copy.deepcopy(resumed) if resumed else new_state(),
+        }
+        if resumed:
+            logger.info(f"[openrlhf-bai] monitor resumed after {resumed['steps']} steps with its baselines")
+    if run["config"]["stability"] == "off":
+        return
+
+    state, th = run["state"], run["thresholds"]
+    length, reward = state["length"], state["reward"]
+    before = (length["detected_step"], reward["drop_step"], reward["recovery_steps"])
+    diagnostics = observe(state, global_step, logs_dict, th)
+    logs_dict.update(diagnostics)
+    client_states[STATE_KEY] = copy.deepcopy(state)
+
+    row = {"step": global_step}
+    for key, value in logs_dict.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = float(value) if math.isfinite(value) else None
+    path = os.path.join(trainer.args.ckpt.path, JSONL_NAME)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+    fired = []
+    if before[0] is None and length["detected_step"] is not None:
+        fired.append(
+            f"sequence length collapse: smoothed response length at {diagnostics['bai/response_length_ratio']:.0%} "
+            f"of its baseline ({length['base_mean']:.0f} tokens) for {th.patience} steps "
+            f"(--bai.collapse_ratio {th.collapse_ratio:g})"
+        )
+    if before[1] is None and reward["drop_step"] is not None:
+        fired.append(
+            f"reward hockey stick: smoothed reward {diagnostics['bai/reward_drawdown']:.1f} baseline spreads below "
+            f"its baseline {reward['base_mean']:.4g} for {th.patience} steps (--bai.hockey_drawdown {th.hockey_drawdown:g})"
+        )
+    if before[2] is None and reward["recovery_steps"] is not None:
+        logger.info(
+            f"[openrlhf-bai] step {global_step}: reward back at its baseline {reward['recovery_steps']} steps after the drop"
+        )
+    if not fired or run.get("stopping"):
+        return
+    action = run["config"]["on_collapse"]
+    consequence = {"warn": "training goes on", "save": "saving a checkpoint", "stop": "saving a checkpoint, then stopping"}
+    for event in fired:
+        logger.warning(f"[openrlhf-bai] step {global_step}: {event}; --bai.on_collapse {action}: {consequence[action]}")
+    if action == "save":
+        request_checkpoint(trainer)
+    elif action == "stop":
+        request_stop(trainer)
+        run["stopping"] = True  # steps still logged before the loop ends (async queue) save nothing more

@@ -1,0 +1,398 @@
+"""`openrlhf-bai diagnose` on runs written the way OpenRLHF writes them: its logger's stdout lines (0.11 names and
+0.9/0.10 names, directly and through a Ray actor), its TensorboardLogger, a wandb CSV export and the plugin's JSONL;
+each collapsing and healthy."""
+
+import csv
+import json
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from openrlhf_bai.cli.main import main as cli
+from openrlhf_bai.diagnostics.readers import read_rows
+
+STEPS = 40
+REPO = Path(__file__).resolve().parents[1]
+
+
+def series(shape: str, seed: int = 0) -> list[tuple[int, float, float]]:
+    """(step, mean response length, mean reward). "collapsing": the length falls to a quarter at step 16 and the
+    reward drops at step 12, recovering slowly from step 24 (the paper's Figures 2-3); "healthy": 5% length noise,
+    slowly rising reward."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(1, STEPS + 1):
+        if shape == "healthy":
+            length = 1400.0 * (1 + 0.004 * step) * (1 + rng.gauss(0, 0.05))
+            reward = 0.40 + 0.004 * step + rng.gauss(0, 0.01)
+        else:
+            length = 1400.0 * (1 + rng.gauss(0, 0.05)) if step < 16 else 350.0 * (1 + rng.gauss(0, 0.05))
+            reward = 0.40 + rng.gauss(0, 0.01) if step < 12 else 0.05 if step < 24 else 0.05 + 0.04 * (step - 23)
+        out.append((step, length, reward))
+    return out
+
+
+def status_011(length: float, reward: float) -> dict:
+    """PPOTrainer.train_step's status in 0.11: actor metrics, timings, then _compute_rollout_stats."""
+    return {
+        "policy_loss": -0.0123, "actor_lr": 1e-6, "kl": 0.0021, "grad_norm": 0.35,
+        "timing/make_experience": 41.2, "timing/ppo_train": 30.5, "timing/broadcast": 2.0,
+        "rollout/reward_mean": reward, "rollout/reward_std": 0.3,
+        "rollout/response_length_mean": length, "rollout/truncated_rate": 0.01, "rollout/num_samples": 512.0,
+        "timing/generation": 40.1, "timing/step_total": 114.0,
+    }
+
+
+def status_09(length: float, reward: float) -> dict:
+    """0.9/0.10: the actor's status averaged experience.info, so the rollout means had plain names."""
+    return {
+        "policy_loss": -0.0123, "actor_lr": 1e-6, "reward": reward, "return": reward - 0.01,
+        "response_length": length, "total_length": length + 180.0, "response_clip_ratio": 0.01, "kl": 0.0021,
+    }
+
+
+STATUS = {"0.11": status_011, "0.9": status_09}
+
+
+def write_stdout_log(path: Path, shape: str, version: str = "0.11") -> Path:
+    """The lines PPOTrainer.fit logs through openrlhf's own logger and handler, captured to a file."""
+    from openrlhf.utils import logging_utils
+
+    logger = logging_utils.init_logger("openrlhf.trainer.ppo_trainer")
+    with path.open("w") as out:
+        old_stream = logging_utils._default_handler.setStream(out)
+        try:
+            logger.info("Sample: <think>Let me compute 2+2.</think> The answer is 4.")
+            for step, length, reward in series(shape):
+                out.write("Episode [1/1]:  40%|████      | 16/40 [10:02<15:03, 37.6s/it]\r")
+                status = STATUS[version](length, reward)
+                status["generated_samples"] = ["<think>...</think> 4", reward]
+                log_status = {k: v for k, v in status.items() if k not in ["generated_samples"]}
+                logger.info(f"✨ Global step {step}: {log_status}")
+                if step % 10 == 0:
+                    eval_logs = {"pass1": 0.3}
+                    logger.info(f"✨ Evaluation completed in 0:01:02, global_step {step}, eval_metrics: {eval_logs}")
+        finally:
+            logging_utils._default_handler.setStream(old_stream)
+    return path
+
+
+def write_tensorboard(root: Path, shape: str, version: str = "0.11", run_name: str = "run") -> Path:
+    """OpenRLHF's TensorboardLogger, called as save_logs_and_checkpoints does with logging_steps 1."""
+    from openrlhf.utils.logging_utils import TensorboardLogger
+
+    args = SimpleNamespace(logger=SimpleNamespace(tensorboard_dir=str(root), wandb=SimpleNamespace(run_name=run_name)))
+    tb = TensorboardLogger(args)
+    for step, length, reward in series(shape):
+        status = STATUS[version](length, reward)
+        status["generated_samples"] = ["<think>...</think> 4", reward]
+        tb.log_train(step, status)
+    tb.log_eval(STEPS, {"pass1": 0.3})
+    tb.close()
+    return root / run_name
+
+
+def write_wandb_history_csv(path: Path, shape: str) -> Path:
+    """A run's history export: one row per wandb.log call; WandbLogger.log_train logs the samples table in a row
+    of its own, without train/global_step."""
+    columns = ["_step", "_runtime", "_timestamp", "train/global_step", *(f"train/{k}" for k in status_011(0, 0))]
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        wandb_step = 0
+        for step, length, reward in series(shape):
+            writer.writerow([wandb_step, 10.0 * step, 1.7e9 + step] + [""] * (len(columns) - 3))
+            values = {f"train/{k}": v for k, v in status_011(length, reward).items()}
+            values.pop("train/timing/broadcast")  # a metric not logged that step: an empty cell
+            cells = [values.get(column, "") for column in columns[4:]]
+            writer.writerow([wandb_step + 1, 10.0 * step, 1.7e9 + step, step, *cells])
+            wandb_step += 2
+    return path
+
+
+def write_wandb_panel_csv(path: Path, shape: str) -> Path:
+    """A chart panel's "Export CSV": Step, then "<run> - <metric>" with its __MIN/__MAX range columns."""
+    metrics = ["train/rollout/response_length_mean", "train/rollout/reward_mean"]
+    columns = ["Step"] + [f"ppo-qwen - {m}{suffix}" for m in metrics for suffix in ("", "__MIN", "__MAX")]
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out, quoting=csv.QUOTE_ALL)
+        writer.writerow(columns)
+        for step, length, reward in series(shape):
+            writer.writerow([step] + [v for v in (length, reward) for _ in range(3)])
+    return path
+
+
+def write_jsonl(path: Path, shape: str) -> Path:
+    with path.open("w") as out:
+        for step, length, reward in series(shape):
+            record = {"step": step, **status_011(length, reward), "bai/response_length_ratio": 1.0}
+            out.write(json.dumps(record) + "\n")
+    return path
+
+
+WRITERS = {
+    "stdout-0.11": ("stdout", lambda d, shape: write_stdout_log(d / "train.log", shape)),
+    "stdout-0.9": ("stdout", lambda d, shape: write_stdout_log(d / "train.log", shape, "0.9")),
+    "tensorboard-0.11": ("tensorboard", lambda d, shape: write_tensorboard(d / "tb", shape)),
+    "tensorboard-0.9": ("tensorboard", lambda d, shape: write_tensorboard(d / "tb", shape, "0.9")),
+    "wandb-history-csv": ("wandb-csv", lambda d, shape: write_wandb_history_csv(d / "history.csv", shape)),
+    "wandb-panel-csv": ("wandb-csv", lambda d, shape: write_wandb_panel_csv(d / "panel.csv", shape)),
+    "jsonl": ("jsonl", lambda d, shape: write_jsonl(d / "bai.jsonl", shape)),
+}
+
+
+def diagnose(capsys, *argv):
+    status = cli(["diagnose", *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("fmt", WRITERS)
+def test_reads_every_step_of_each_format(tmp_path, fmt):
+    kind, write = WRITERS[fmt]
+    path = write(tmp_path, "collapsing")
+    detected, rows = read_rows(path)
+    assert detected == kind
+    assert [step for step, _ in rows] == list(range(1, STEPS + 1))
+    length_key, reward_key = ("response_length", "reward") if fmt.endswith("0.9") else (
+        "rollout/response_length_mean", "rollout/reward_mean")
+    for (_, metrics), (_, length, reward) in zip(rows, series("collapsing")):
+        assert metrics[length_key] == pytest.approx(length, rel=1e-6)  # TensorBoard stores float32
+        assert metrics[reward_key] == pytest.approx(reward, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("fmt", WRITERS)
+@pytest.mark.parametrize("shape", ["collapsing", "healthy"])
+def test_verdict_of_each_format(tmp_path, capsys, fmt, shape):
+    path = WRITERS[fmt][1](tmp_path, shape)
+    status, out, err = diagnose(capsys, path, "--json", tmp_path / "v.json", "--fail-on", "collapse,hockey")
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["source"] == str(path) and v["steps"] == STEPS and v["kind"] == WRITERS[fmt][0]
+    assert err == ""
+    assert str(path) in out
+    if shape == "healthy":
+        assert status == 0
+        assert not v["length_collapse"]["detected"] and v["length_collapse"]["step"] is None
+        assert v["length_collapse"]["min_ratio"] > 0.85
+        assert v["hockey_stick"] == {"detected": False, "drop_step": None, "depth": 0.0, "recovery_steps": None}
+        return
+    assert status == 3
+    assert v["baseline_length"] == pytest.approx(1400, rel=0.05)
+    assert v["baseline_reward"] == pytest.approx(0.40, abs=0.01)
+    collapse, hockey = v["length_collapse"], v["hockey_stick"]
+    assert collapse["detected"] and 16 <= collapse["step"] <= 20
+    assert collapse["min_ratio"] == pytest.approx(0.25, abs=0.03)
+    assert hockey["detected"] and 12 <= hockey["drop_step"] <= 16
+    # Reward is back at 0.40 from step 33 (0.05 + 0.04 * 10 = 0.45 at step 33); the EMA a step or two later.
+    assert 32 <= hockey["drop_step"] + hockey["recovery_steps"] <= 36
+    assert hockey["depth"] > 10
+    assert f"YES at step {collapse['step']}" in out and f"drop at step {hockey['drop_step']}" in out
+
+
+def test_ray_actor_stdout_as_the_driver_prints_it(tmp_path):
+    """PPOTrainer is a Ray actor: its lines reach the driver's stdout behind a coloured `(PPOTrainer pid=N)`."""
+    log = tmp_path / "driver.log"
+    statuses = [(step, status_011(length, reward)) for step, length, reward in series("collapsing")]
+    script = textwrap.dedent(f"""
+        import json, time
+        from pathlib import Path
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class PPOTrainer:
+            def fit(self, statuses):
+                from openrlhf_bai.integration.flash_attn_cpu import make_flash_attn_importable
+                make_flash_attn_importable()
+                from openrlhf.utils.logging_utils import init_logger
+                logger = init_logger("openrlhf.trainer.ppo_trainer")
+                for global_step, log_status in statuses:
+                    logger.info(f"✨ Global step {{global_step}}: {{log_status}}")
+
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True)
+        ray.get(PPOTrainer.remote().fit.remote(json.loads({json.dumps(statuses)!r})))
+        # Ray forwards worker output asynchronously: wait until the last step has reached our stdout.
+        deadline = time.time() + 60
+        while "Global step {STEPS}:" not in Path({str(log)!r}).read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        ray.shutdown()
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with log.open("w") as out:
+        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.PIPE, env=env, check=True,
+                       timeout=240)
+    assert "\x1b[36m(PPOTrainer pid=" in log.read_text()
+    kind, rows = read_rows(log)
+    assert kind == "stdout" and rows == [(step, pytest.approx(status)) for step, status in statuses]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_with_and_without_bai_in_one_plot_and_json_list(tmp_path, capsys):
+    """The paper's comparison: a run without BAI (collapses) against one with BAI (healthy), two formats."""
+    without = write_stdout_log(tmp_path / "without-bai.log", "collapsing")
+    with_bai = write_tensorboard(tmp_path / "tb", "healthy", run_name="with-bai")
+    plot = tmp_path / "compare.png"
+    status, out, _ = diagnose(capsys, without, with_bai, "--json", tmp_path / "v.json", "--plot", plot)
+    assert status == 0  # found, but nothing asked to fail on
+    verdicts = json.loads((tmp_path / "v.json").read_text())
+    assert [v["source"] for v in verdicts] == [str(without), str(with_bai)]
+    assert [v["length_collapse"]["detected"] for v in verdicts] == [True, False]
+    assert [v["hockey_stick"]["detected"] for v in verdicts] == [True, False]
+    assert out.splitlines()[0].split()[:2] == ["run", "steps"] and len(out.splitlines()) == 3
+    width, height = png_size(plot)
+    assert (width, height) == (1100, 825)  # 10 x 7.5 inches at 110 dpi
+    assert 40_000 < plot.stat().st_size < 1_000_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_fail_on_only_the_named_phenomenon(tmp_path, capsys):
+    # Length collapses, reward stays flat: only "collapse" gates.
+    rng = random.Random(3)
+    path = tmp_path / "bai.jsonl"
+    path.write_text("".join(
+        json.dumps({"step": s, "rollout/response_length_mean": 900.0 if s < 20 else 200.0,
+                    "rollout/reward_mean": 0.5 + rng.gauss(0, 0.01)}) + "\n" for s in range(1, 41)))
+    assert diagnose(capsys, path, "--fail-on", "hockey")[0] == 0
+    assert diagnose(capsys, path, "--fail-on", "collapse")[0] == 3
+    assert diagnose(capsys, path, "--fail-on", "hockey,collapse")[0] == 3
+    assert diagnose(capsys, path)[0] == 0
+    # A looser threshold is a different verdict.
+    assert diagnose(capsys, path, "--fail-on", "collapse", "--collapse-ratio", "0.2")[0] == 0
+    with pytest.raises(SystemExit) as exc:
+        cli(["diagnose", str(path), "--fail-on", "colapse"])
+    assert exc.value.code == 2 and "unknown colapse" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_status(tmp_path):
+    path = write_jsonl(tmp_path / "bai.jsonl", "collapsing")
+    result = subprocess.run([sys.executable, "-m", "openrlhf_bai.cli.diagnose", str(path), "--fail-on", "collapse"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert "YES at step" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "openrlhf_bai.cli.diagnose", str(tmp_path / "missing.log")],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"openrlhf-bai: error: {tmp_path / 'missing.log'}: no such file or directory; expected an OpenRLHF stdout "
+        "log with '✨ Global step N: {...}' lines, a TensorBoard event directory, a wandb CSV export or the "
+        "plugin's JSONL"]
+
+
+def test_kind_forces_the_reader(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bai.log", "healthy")
+    assert diagnose(capsys, path, "--kind", "jsonl")[0] == 0
+    status, _, err = diagnose(capsys, path, "--kind", "stdout")
+    assert status == 1 and f"{path}: no '✨ Global step N: {{...}}' lines" in err
+
+
+def test_partly_missing_metrics_are_read_as_far_as_they_go(tmp_path, capsys):
+    # No reward at all (a run that logged lengths only), and a length log whose reward stops at step 30.
+    no_reward = tmp_path / "no-reward.jsonl"
+    no_reward.write_text("".join(json.dumps({"step": s, "rollout/response_length_mean": l}) + "\n"
+                                 for s, l, _ in series("collapsing")))
+    stops = tmp_path / "stops.jsonl"
+    stops.write_text("".join(json.dumps({"step": s, "rollout/response_length_mean": l,
+                                         **({"rollout/reward_mean": r} if s <= 30 else {})}) + "\n"
+                             for s, l, r in series("healthy")))
+    status, out, err = diagnose(capsys, no_reward, stops, "--json", tmp_path / "v.json")
+    assert status == 0
+    assert f"warning: {no_reward}: no reward metric (looked for rollout/reward_mean, reward_mean, reward)" in err
+    assert f"warning: {stops}: reward missing at 10 of 40 steps" in err
+    first, second = json.loads((tmp_path / "v.json").read_text())
+    assert first["missing_steps"] == {"response_length": 0, "reward": STEPS}
+    assert first["length_collapse"]["detected"] and first["baseline_reward"] is None
+    assert "not assessed (no reward)" in out
+    assert second["missing_steps"] == {"response_length": 0, "reward": 10} and second["steps"] == STEPS
+
+
+def test_resumed_run_keeps_the_steps_logged_after_the_resume(tmp_path):
+    # Steps 1-12 logged, the job died and resumed from the checkpoint at step 8: 9-12 are logged again.
+    lines = [json.dumps({"step": s, "rollout/reward_mean": 1.0}) for s in range(1, 13)]
+    lines += [json.dumps({"step": s, "rollout/reward_mean": 2.0}) for s in range(9, 16)]
+    # One step in two records (as wandb writes a step in several rows) is one step.
+    lines += [json.dumps({"step": 16, "rollout/reward_mean": 3.0}), json.dumps({"step": 16, "kl": 0.1})]
+    path = tmp_path / "resumed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    _, rows = read_rows(path)
+    assert [s for s, _ in rows] == list(range(1, 17))
+    assert [m["rollout/reward_mean"] for _, m in rows] == [1.0] * 8 + [2.0] * 7 + [3.0]
+    assert rows[-1][1] == {"rollout/reward_mean": 3.0, "kl": 0.1}
+
+
+BAD_INPUTS = {  # case: (make the file, the error line up to the file's line number, then a phrase that follows)
+    "empty": (lambda d: _write(d / "train.log", ""), "file is empty; expected an OpenRLHF stdout log"),
+    "unrelated": (lambda d: _write(d / "notes.txt", "shopping list\neggs, milk\n"),
+                  "no '✨ Global step N: {...}' lines; expected an OpenRLHF stdout log"),
+    "binary": (lambda d: _write(d / "model.bin", b"\x00\x01\x02" * 100), "binary file; expected"),
+    "truncated-stdout": (lambda d: _cut_inside_last(write_stdout_log(d / "train.log", "healthy"), "Global step"),
+                         "step line is cut off (truncated file?)"),
+    "truncated-jsonl": (lambda d: _cut_inside_last(write_jsonl(d / "bai.jsonl", "healthy"), '"step"'),
+                        "not a JSON object (truncated file?)"),
+    "truncated-csv": (lambda d: _cut_inside_last(write_wandb_panel_csv(d / "panel.csv", "healthy"), '"40"'),
+                      "cells where the header has 7 (truncated file?)"),
+    "jsonl-without-step": (lambda d: _write(d / "x.jsonl", '{"loss": 1.0}\n'), ':1: no "step" in this line'),
+    "header-only-csv": (lambda d: _write(d / "panel.csv", '"Step","run - train/rollout/reward_mean"\n'),
+                        "no training steps found"),
+    "no-metrics": (lambda d: _write(d / "x.jsonl", '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n'),
+                   "2 steps but no response length or reward in any"),
+    "empty-dir": (lambda d: (d / "tb").mkdir() or d / "tb", "no TensorBoard event files"),
+    "empty-event-file": (lambda d: _write(d / "events.out.tfevents.1.host", b""), "no train/* scalars"),
+}
+
+
+def _write(path: Path, content) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _cut_inside_last(path: Path, marker: str) -> Path:
+    """Cut the file 30 characters after the last `marker`: its last record is half written."""
+    text = path.read_text()
+    path.write_text(text[: text.rindex(marker) + 30])
+    return path
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_clear_line_naming_the_file(tmp_path, capsys, case):
+    make, message = BAD_INPUTS[case]
+    path = make(tmp_path)
+    # A cut-off record is named by its line: the last one of the file.
+    where = f":{path.read_text().count(chr(10)) + 1}: " if case.startswith("truncated") else ":"
+    status, out, err = diagnose(capsys, path, "--json", tmp_path / "v.json")
+    assert status == 1 and out == ""
+    assert err.startswith(f"openrlhf-bai: error: {path}{where}"), err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "v.json").exists()
+
+
+def test_several_tensorboard_runs_in_one_directory_must_be_named_one_by_one(tmp_path, capsys):
+    first = write_tensorboard(tmp_path / "tb", "healthy", run_name="bai")
+    second = write_tensorboard(tmp_path / "tb", "collapsing", run_name="no-bai")
+    status, _, err = diagnose(capsys, tmp_path / "tb")
+    assert status == 1 and f"holds several TensorBoard runs ({first}, {second}); pass each one" in err
+    status, out, _ = diagnose(capsys, first, second, "--fail-on", "collapse")
+    assert status == 3 and len(out.splitlines()) == 3
+
+
+def test_nan_steps_in_a_log_are_skipped(tmp_path, capsys):
+    """A step whose reward is NaN (Python prints it as nan) neither breaks the parse nor the smoothing."""
+    path = write_stdout_log(tmp_path / "train.log", "healthy")
+    text = path.read_text().replace("'rollout/reward_mean': ", "'rollout/reward_mean': nan, 'x': ", 1)
+    path.write_text(text)
+    _, rows = read_rows(path)
+    assert math.isnan(rows[0][1]["rollout/reward_mean"])
+    status, _, err = diagnose(capsys, path, "--json", tmp_path / "v.json", "--fail-on", "hockey")
+    assert status == 0 and "reward missing at 1 of 40 steps" in err
+    assert json.loads((tmp_path / "v.json").read_text())["hockey_stick"]["detected"] is False

@@ -1,0 +1,337 @@
+"""The trainer hooks and the stability monitor, driven through OpenRLHF 0.11.2's own trainer code.
+
+BasePPOTrainer instances are built with OpenRLHF's real __init__ (strategy = a namespace holding args, as
+DeepspeedStrategy does); their save_logs_and_checkpoints writes through OpenRLHF's real TensorboardLogger and the
+event files are read back. The one stand-in is RecordingActorGroup, in place of the RayActorGroup of
+PolicyModelActors whose save_checkpoint runs DeepSpeed on GPUs: it records each call and returns a real ObjectRef.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from openrlhf_bai.errors import BAIError
+from openrlhf_bai.integration import hooks
+from openrlhf_bai.integration.monitor import CONFIG_ENV, JSONL_NAME, STATE_KEY
+
+LENGTH = "rollout/response_length_mean"
+REWARD = "rollout/reward_mean"
+STEPS = 30
+DROP_AT = 11  # first step of the collapse in collapsing_series
+
+
+def collapsing_series(seed=0):
+    """Length ~1000 tokens (5% noise) falling to ~350 from DROP_AT on; reward ~0.5 dropping to -1.0 at DROP_AT,
+    then climbing back linearly to 0.6 by step 26: a sequence length collapse and a reward hockey stick."""
+    rng = random.Random(seed)
+    rows = []
+    for step in range(1, STEPS + 1):
+        length = (1000.0 if step < DROP_AT else 350.0) * (1 + rng.uniform(-0.05, 0.05))
+        if step < DROP_AT:
+            reward = 0.5 + rng.uniform(-0.02, 0.02)
+        else:
+            reward = min(0.6, -1.0 + 1.6 * (step - DROP_AT) / 15)
+        rows.append({LENGTH: length, REWARD: reward, "policy_loss": 0.01})
+    return rows
+
+
+def healthy_series(seed=0):
+    """A healthy noisy run: length noise of 5 percent around 1000 tokens, reward rising from 0.2 to 0.8."""
+    rng = random.Random(seed)
+    return [
+        {LENGTH: 1000.0 * (1 + rng.uniform(-0.05, 0.05)), REWARD: 0.2 + 0.02 * step + rng.uniform(-0.02, 0.02),
+         "policy_loss": 0.01}
+        for step in range(1, STEPS + 1)
+    ]
+
+
+def openrlhf_args(root, run_name="run", **extra):
+    """OpenRLHF 0.11 args as its CLI builds them (dotted dests, then openrlhf.utils.config.hierarchize)."""
+    from openrlhf.utils.config import hierarchize
+
+    flat = {
+        "logger.logging_steps": 1, "logger.tensorboard_dir": str(root / "tb"), "logger.wandb.key": None,
+        "logger.wandb.run_name": run_name, "ckpt.path": str(root / "ckpt" / run_name), "ckpt.save_steps": float("inf"),
+        "ckpt.load_enable": False, "ckpt.best_metric_key": "", "algo.kl.target": None, "algo.kl.init_coef": 0.0,
+        "algo.kl.horizon": 10000, "algo.advantage.estimator": "reinforce", "algo.dynamic_filtering_enable": False,
+        "eval.steps": float("inf"), "train.num_episodes": 1, "rollout.batch_size": 1, "rollout.n_samples_per_prompt": 1,
+        "rollout.vllm_generate_batch_size": 1, "vllm.enable_sleep": False, **extra,
+    }
+    return hierarchize(argparse.Namespace(**flat))
+
+
+class RecordingActorGroup:
+    """In place of the PolicyModelActor group (DeepSpeed on GPUs): records calls, returns real ObjectRefs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def async_run_method(self, method_name, *args, **kwargs):
+        import ray
+
+        self.calls.append((method_name, kwargs))
+        return [ray.put(None)]
+
+
+def make_trainer(args, trainer_class=None, actor_group=None):
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    trainer_class = trainer_class or BasePPOTrainer
+    trainer = object.__new__(trainer_class)
+    BasePPOTrainer.__init__(trainer, SimpleNamespace(args=args), actor_group, None, None, None, None, None)
+    return trainer
+
+
+def drive(trainer, rows, first_step=1):
+    """Call OpenRLHF's save_logs_and_checkpoints once per step, as PPOTrainer.fit does; return what callbacks added."""
+    added = []
+    for step, metrics in enumerate(rows, first_step):
+        logs = dict(metrics)
+        states = {"episode": 0, "global_step": step, "total_consumed_prompts": step, "data_loader_state_dict": {}}
+        trainer.save_logs_and_checkpoints(step, logs, states)
+        added.append(({k: v for k, v in logs.items() if k not in metrics}, states))
+    trainer.tensorboard_logger.close()
+    return added
+
+
+def tensorboard_scalars(args):
+    accumulator = EventAccumulator(os.path.join(args.logger.tensorboard_dir, args.logger.wandb.run_name),
+                                   size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+
+
+def first_step_at_1(series: dict) -> int | None:
+    return min((step for step, value in series.items() if value == 1.0), default=None)
+
+
+@pytest.fixture
+def hooked(monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    hooks.install_hooks()
+    yield
+    del hooks.CALLBACKS[1:]  # keep the built-in monitor, drop what a test registered
+
+
+def test_collapse_and_hockey_stick_reach_tensorboard_and_jsonl(tmp_path, hooked, capfd):
+    args = openrlhf_args(tmp_path)
+    drive(make_trainer(args), collapsing_series())
+    tb = tensorboard_scalars(args)
+
+    collapse_step = first_step_at_1(tb["train/bai/length_collapse"])
+    hockey_step = first_step_at_1(tb["train/bai/hockey_stick"])
+    assert collapse_step is not None and DROP_AT <= collapse_step <= DROP_AT + 4
+    assert hockey_step is not None and DROP_AT <= hockey_step <= DROP_AT + 4
+    assert set(tb["train/bai/length_collapse_step"].values()) == {float(collapse_step)}
+    assert tb["train/bai/response_length_ratio"][STEPS] == pytest.approx(0.35, abs=0.04)
+    assert max(tb["train/bai/reward_drawdown"].values()) > 20  # -1.0 against a 0.5 +- 0.01 baseline
+    recovery = tb["train/bai/reward_recovery_steps"]
+    assert min(recovery) > DROP_AT + 10 and len(set(recovery.values())) == 1  # the climb back takes ~15 steps
+    assert all(tb["train/bai/length_collapse"][s] == 0 for s in range(5, DROP_AT))  # baseline from step 5 on
+    assert tb["train/rollout/reward_mean"][1] == pytest.approx(collapsing_series()[0][REWARD])  # OpenRLHF's own logs
+
+    rows = [json.loads(line) for line in open(os.path.join(args.ckpt.path, JSONL_NAME))]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert rows[collapse_step - 1]["bai/length_collapse_step"] == collapse_step and LENGTH in rows[0]
+
+    out = capfd.readouterr().out
+    assert out.count("sequence length collapse") == 1 and out.count("reward hockey stick") == 1
+    assert f"step {collapse_step}: sequence length collapse" in out and "WARNING" in out
+
+
+def test_healthy_noisy_runs_stay_silent(tmp_path, hooked, capfd):
+    for seed in range(5):
+        args = openrlhf_args(tmp_path, run_name=f"healthy{seed}")
+        drive(make_trainer(args), healthy_series(seed))
+        tb = tensorboard_scalars(args)
+        assert set(tb["train/bai/length_collapse"].values()) == {0.0}
+        assert set(tb["train/bai/hockey_stick"].values()) == {0.0}
+        assert "train/bai/length_collapse_step" not in tb and "train/bai/reward_recovery_steps" not in tb
+        assert min(tb["train/bai/response_length_ratio"].values()) > 0.9
+    assert "[openrlhf-bai]" not in capfd.readouterr().out
+
+
+def test_resumed_run_keeps_its_baseline_through_client_states(tmp_path, hooked):
+    rows = collapsing_series(seed=3)
+    whole = drive(make_trainer(openrlhf_args(tmp_path, run_name="whole")), rows)
+
+    first = drive(make_trainer(openrlhf_args(tmp_path, run_name="first")), rows[:8])
+    saved = json.loads(json.dumps(first[-1][1]))  # client_states as a checkpoint stores them
+    assert saved[STATE_KEY]["length"]["base_mean"] is not None
+    resumed = make_trainer(openrlhf_args(tmp_path, run_name="resumed"))
+    resumed.restore_best_checkpoint_state(saved)  # what PPOTrainer.fit does with the checkpoint's states
+    second = drive(resumed, rows[8:], first_step=9)
+    assert [added for added, _ in second] == [added for added, _ in whole[8:]]
+
+
+def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"stability": "off"}))
+    args = openrlhf_args(tmp_path, run_name="off")
+    added = drive(make_trainer(args), collapsing_series())
+    assert all(not a for a, _ in added) and not os.path.exists(os.path.join(args.ckpt.path, JSONL_NAME))
+
+    # A collapse_ratio below the collapsed length's ratio (~0.35) never fires; patience 1 fires the hockey stick sooner.
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"collapse_ratio": 0.2, "patience": 1}))
+    args = openrlhf_args(tmp_path, run_name="strict")
+    drive(make_trainer(args), collapsing_series())
+    tb = tensorboard_scalars(args)
+    assert set(tb["train/bai/length_collapse"].values()) == {0.0}
+    assert first_step_at_1(tb["train/bai/hockey_stick"]) == DROP_AT
+
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"smoothing": 0}))
+    with pytest.raises(BAIError, match="--bai.smoothing must be in"):
+        drive(make_trainer(openrlhf_args(tmp_path, run_name="bad")), collapsing_series()[:1])
+
+
+def test_install_is_idempotent_and_user_callbacks_come_from_the_registry_and_entry_points(tmp_path, hooked, monkeypatch):
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    hooks.install_hooks()
+    wrapper = BasePPOTrainer.save_logs_and_checkpoints
+    assert not getattr(wrapper.__wrapped__, "_openrlhf_bai", False)  # wrapped once, not twice
+
+    site = write_callback_distribution(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    hooks.install_hooks()
+    seen = []
+    hooks.register_callback(lambda trainer, step, logs, states: seen.append(step))
+    with pytest.raises(BAIError, match="must be callable"):
+        hooks.register_callback("not a function")
+
+    args = openrlhf_args(tmp_path)
+    drive(make_trainer(args), healthy_series()[:6])
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert tensorboard_scalars(args)["train/user/steps_seen"] == {s: float(s) for s in range(1, 7)}
+
+
+def write_callback_distribution(site):
+    """A user's package that declares a callback in the `openrlhf_bai.callbacks` entry-point group."""
+    dist = site / "user_bai_callbacks-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: user-bai-callbacks\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[openrlhf_bai.callbacks]\nsteps = user_bai_callbacks:count_steps\n")
+    (site / "user_bai_callbacks.py").write_text(textwrap.dedent("""
+        def count_steps(trainer, global_step, logs_dict, client_states):
+            trainer.user_steps = getattr(trainer, "user_steps", 0) + 1
+            logs_dict["user/steps_seen"] = trainer.user_steps
+    """))
+    return site
+
+
+def test_ray_runtime_env_keeps_the_users_env_and_refuses_a_second_hook():
+    user = {"env_vars": {"A": "1"}, "pip": ["x"]}
+    env = hooks.ray_runtime_env(user)
+    assert env == {"env_vars": {"A": "1"}, "pip": ["x"], "worker_process_setup_hook": hooks.SETUP_HOOK}
+    assert user == {"env_vars": {"A": "1"}, "pip": ["x"]}
+    assert hooks.ray_runtime_env(env) == env
+    with pytest.raises(BAIError, match="already has worker_process_setup_hook"):
+        hooks.ray_runtime_env({"worker_process_setup_hook": "my.hook"})
+
+
+# ------------------------------------------------------------------ inside Ray workers that got only ray_runtime_env()
+
+
+@pytest.fixture(scope="module")
+def ray_with_hooks(tmp_path_factory):
+    import ray
+
+    site = write_callback_distribution(tmp_path_factory.mktemp("ray-site"))
+    # Functions of this test module travel by value: the workers cannot import it (`tests` is OpenRLHF's there).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+                CONFIG_ENV: json.dumps({"on_collapse": "stop"})}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=hooks.ray_runtime_env({"env_vars": env_vars}))
+    yield ray
+    ray.shutdown()
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def drive_in_worker(root, run_name, rows, bai=None):
+    """Runs in a Ray worker: nothing here installs hooks; the worker setup hook must have done it."""
+    deepspeed_before = "deepspeed" in sys.modules
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    args = openrlhf_args(root, run_name)
+    if bai is not None:  # an OpenRLHF parser holding the --bai.* flags
+        args.bai = SimpleNamespace(**bai)
+    group = RecordingActorGroup()
+    added = drive(make_trainer(args, actor_group=group), rows)
+    return {
+        "deepspeed_before": deepspeed_before,
+        "wrapped": getattr(BasePPOTrainer.save_logs_and_checkpoints, "_openrlhf_bai", False),
+        "saves": [(kwargs["tag"], kwargs["client_states"]) for name, kwargs in group.calls if name == "save_checkpoint"],
+        "added": [a for a, _ in added],
+    }
+
+
+def fit_in_worker(root, rows):
+    """Runs in a Ray worker: OpenRLHF's own PPOTrainer.fit loop, with its SamplesGenerator serving rollout batches
+    from its buffer (vLLM's part) and train_step returning the series' metrics (the PPO update needs GPUs)."""
+    from openrlhf.trainer.ppo_trainer import PPOTrainer
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
+        def train_step(self, rollout_samples, global_step):
+            self.trained.append(global_step + 1)
+            return dict(rows[global_step]), global_step + 1
+
+    args = openrlhf_args(root, "fit")
+    group = RecordingActorGroup()
+    trainer = make_trainer(args, CPUPPOTrainer, group)
+    trainer.trained = []
+    trainer.prompts_dataloader = StatefulDataLoader(list(range(len(rows))), batch_size=1)
+    trainer.eval_dataloader = None
+    trainer.generate_kwargs = {}
+    trainer.samples_generator = SamplesGenerator(SimpleNamespace(args=args), trainer.prompts_dataloader, None, None, None)
+    trainer.samples_generator._dataloader_iter = None  # every prompt already generated: the buffer holds them
+    trainer.samples_generator._sample_buffer = [f"rollout {i}" for i in range(len(rows))]
+    trainer.fit()
+    return {"trained": trainer.trained, "saves": [kw["tag"] for name, kw in group.calls if name == "save_checkpoint"],
+            "buffer_left": len(trainer.samples_generator._sample_buffer)}
+
+
+def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_with_hooks):
+    ray = ray_with_hooks
+    task = ray.remote(drive_in_worker)
+    collapsing, healthy, saving = ray.get([
+        task.remote(tmp_path, "collapsing", collapsing_series()),
+        task.remote(tmp_path, "healthy", healthy_series()),
+        task.remote(tmp_path, "saving", collapsing_series(seed=1), {"on_collapse": "save", "patience": 2}),
+    ])
+    assert not collapsing["deepspeed_before"] and collapsing["wrapped"]
+
+    # on_collapse=stop from the runtime_env: the first detection's step is saved as an OpenRLHF checkpoint.
+    tb = tensorboard_scalars(openrlhf_args(tmp_path, "collapsing"))
+    first = min(first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"]))
+    assert DROP_AT <= first <= DROP_AT + 4
+    assert [tag for tag, _ in collapsing["saves"]] == [f"global_step{first}"]
+    assert collapsing["saves"][0][1][STATE_KEY]["length"]["base_mean"] == pytest.approx(1000, rel=0.05)
+    assert tb["train/user/steps_seen"][STEPS] == STEPS  # the user's entry-point callback, in the worker
+
+    tb = tensorboard_scalars(openrlhf_args(tmp_path, "healthy"))
+    assert set(tb["train/bai/length_collapse"].values()) == {0.0} and set(tb["train/bai/hockey_stick"].values()) == {0.0}
+    assert healthy["saves"] == []
+
+    # args.bai (a patched parser) wins over the runtime_env: save, with patience 2, and each detection saves once.
+    tb = tensorboard_scalars(openrlhf_args(tmp_path, "saving"))
+    steps = sorted({first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"])})
+    assert [tag for tag, _ in saving["saves"]] == [f"global_step{s}" for s in steps]
+
+
+def test_on_collapse_stop_ends_ppotrainer_fit_cleanly(tmp_path, ray_with_hooks):
+    ray = ray_with_hooks
+    result = ray.get(ray.remote(fit_in_worker).remote(tmp_path, collapsing_series()))
+    tb = tensorboard_scalars(openrlhf_args(tmp_path, "fit"))
+    stop = min(first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"]))
+    assert result["trained"] == list(range(1, stop + 1))  # no step after the one that fired
+    assert result["saves"] == [f"global_step{stop}"]
+    assert result["buffer_left"] == STEPS - stop  # the loop ended with rollouts left, not by running out
+    assert max(tb["train/rollout/reward_mean"]) == stop
