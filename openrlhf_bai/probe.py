@@ -16,6 +16,7 @@ own KL to the base. Both bounds are relative to the reasoning SFT so the default
 from __future__ import annotations
 
 import gc
+import dataclasses
 import json
 import math
 import os
@@ -326,16 +327,16 @@ def _log(msg: str) -> None:
     print(f"probe: {msg}", file=sys.stderr, flush=True)
 
 
-def run_probe(base: str, sft: list[str], alphas: list[float], prompts_file, *, sft_weights=None, normalize=False,
-              dtype="auto", config_from=None, tokenizer_from=None, vocab_mismatch="error", max_shard_size="5GB",
-              reasoning_sft: str | None = None, input_key="input", input_template=None, apply_chat_template=False,
+def run_probe(recipe: BAIRecipe, alphas: list[float], prompts_file, *, reasoning_sft: str | None = None,
+              input_key="input", input_template=None, apply_chat_template=False,
               num_prompts: int | None = None, max_new_tokens=256, temperature=0.0, seed=42, engine="auto",
               batch_size=8, heldout=None, heldout_max_tokens=16384, min_length_share=MIN_LENGTH_SHARE,
               max_kl_base_share=MAX_KL_BASE_SHARE, plot_path=None, json_path=None) -> dict:
-    """Check everything, merge the candidates, measure every row, suggest an alpha; write the plot and JSON."""
+    """Check everything, merge the candidates (`recipe` at each alpha), measure every row, suggest an alpha;
+    write the plot and JSON."""
     from transformers import AutoTokenizer
 
-    from openrlhf_bai.merger import cache_dir_for, existing_merge_hash, merge, plan_merge
+    from openrlhf_bai.merger import cache_dir_for, existing_merge_hash, existing_parent, merge, plan_merge
 
     bad = [a for a in alphas if not (math.isfinite(a) and 0.0 <= a <= 1.0)]
     if bad:
@@ -345,17 +346,16 @@ def run_probe(base: str, sft: list[str], alphas: list[float], prompts_file, *, s
                         ("--num-prompts", num_prompts or 1), ("--heldout-max-tokens", heldout_max_tokens)):
         if value < 1:
             raise BAIError(f"{name} must be at least 1, got {value}")
-    if not temperature >= 0:
-        raise BAIError(f"--temperature must be at least 0, got {temperature}")
+    for name, value in (("--temperature", temperature), ("--min-length-share", min_length_share),
+                        ("--max-kl-base-share", max_kl_base_share)):
+        if not (math.isfinite(value) and value >= 0):
+            raise BAIError(f"{name} must be a number >= 0, got {value}")
     engine = _pick_engine(engine)
     for out in (plot_path, json_path):
         if out is not None and not Path(out).absolute().parent.is_dir():
             raise BAIError(f"output directory does not exist: {Path(out).absolute().parent}")
 
-    recipes = [BAIRecipe(base=base, sft=tuple(sft), sft_weights=tuple(sft_weights) if sft_weights else None,
-                         alpha=a, dtype=dtype, normalize=normalize, config_from=config_from,
-                         tokenizer_from=tokenizer_from, vocab_mismatch=vocab_mismatch, max_shard_size=max_shard_size)
-               for a in alphas]
+    recipes = [dataclasses.replace(recipe, alpha=a) for a in alphas]
     plans = [plan_merge(r) for r in recipes]  # every merge check, reading headers only
     plan = plans[0]
     tokenizer_dir = plan.inputs[plan.tokenizer_src].directory
@@ -370,11 +370,11 @@ def run_probe(base: str, sft: list[str], alphas: list[float], prompts_file, *, s
     heldout_ids = read_heldout(heldout, tokenizer, heldout_max_tokens) if heldout else None
     parents = {"base": str(plan.inputs[0].directory)}
     parents.update({f"sft[{i + 1}]": str(c.directory) for i, c in enumerate(plan.inputs[1:])})
-    reasoning_path = _reasoning_path(reasoning_sft, sft, list(parents.values())[1:])
+    reasoning_path = _reasoning_path(reasoning_sft, list(recipe.sft), list(parents.values())[1:])
 
     out_dirs = [cache_dir_for(r, p) for r, p in zip(recipes, plans)]
     needed = sum(p.bytes_to_write for p, d in zip(plans, out_dirs) if existing_merge_hash(d) != p.recipe_hash)
-    free = shutil.disk_usage(_existing_parent(out_dirs[0])).free
+    free = shutil.disk_usage(existing_parent(out_dirs[0])).free
     if needed > free:
         raise BAIError(f"not enough disk for the candidates in {out_dirs[0].parent}: "
                        f"{needed / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
@@ -395,7 +395,8 @@ def run_probe(base: str, sft: list[str], alphas: list[float], prompts_file, *, s
     reasoning = rows[-1]
     suggestion = suggest([r for r in rows if r["kind"] == "candidate"], reasoning, min_length_share, max_kl_base_share)
     result = {
-        "settings": {"base": parents["base"], "sft": list(parents.values())[1:], "sft_weights": list(plan.recipe.weights()),
+        "settings": {"base": parents["base"], "sft": list(parents.values())[1:],
+                     "sft_weights": list(plan.recipe.weights()),
                      "reasoning_sft": reasoning_path, "prompts": str(prompts_file), "num_prompts": len(prompts),
                      "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "engine": engine,
                      "heldout": str(heldout) if heldout else None, "eos_token_ids": eos_ids},
@@ -444,10 +445,3 @@ def _reasoning_path(value: str | None, sft: list[str], sft_dirs: list[str]) -> s
 
 def _same_dir(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path

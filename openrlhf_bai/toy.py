@@ -86,7 +86,9 @@ def write_model(
     """Write a random-weight model with save_pretrained (safetensors). With `finetune_seed`, add seeded noise
     of `noise` times each tensor's spread to the `seed` model: a stand-in for a fine-tune of it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per tiny checkpoint is noise
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     if finetune_seed is not None:

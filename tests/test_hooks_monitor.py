@@ -8,6 +8,7 @@ PolicyModelActors whose save_checkpoint runs DeepSpeed on GPUs: it records each 
 
 import argparse
 import json
+import logging
 import os
 import random
 import sys
@@ -112,6 +113,12 @@ def first_step_at_1(series: dict) -> int | None:
     return min((step for step, value in series.items() if value == 1.0), default=None)
 
 
+def first_alarm(tb) -> int:
+    """The first step either detector raised."""
+    return min(step for step in (first_step_at_1(tb.get("train/bai/length_collapse", {})),
+                                 first_step_at_1(tb.get("train/bai/hockey_stick", {}))) if step is not None)
+
+
 @pytest.fixture
 def hooked(monkeypatch):
     monkeypatch.delenv(CONFIG_ENV, raising=False)
@@ -120,7 +127,16 @@ def hooked(monkeypatch):
     del hooks.CALLBACKS[1:]  # keep the built-in monitor, drop what a test registered
 
 
-def test_collapse_and_hockey_stick_reach_tensorboard_and_jsonl(tmp_path, hooked, capfd):
+@pytest.fixture
+def monitor_log(caplog):
+    """What the monitor logs through OpenRLHF's logger (which does not propagate to pytest's root handler)."""
+    logger = logging.getLogger("openrlhf_bai")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_collapse_and_hockey_stick_reach_tensorboard_and_jsonl(tmp_path, hooked, monitor_log):
     args = openrlhf_args(tmp_path)
     drive(make_trainer(args), collapsing_series())
     tb = tensorboard_scalars(args)
@@ -141,12 +157,13 @@ def test_collapse_and_hockey_stick_reach_tensorboard_and_jsonl(tmp_path, hooked,
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[collapse_step - 1]["bai/length_collapse_step"] == collapse_step and LENGTH in rows[0]
 
-    out = capfd.readouterr().out
-    assert out.count("sequence length collapse") == 1 and out.count("reward hockey stick") == 1
-    assert f"step {collapse_step}: sequence length collapse" in out and "WARNING" in out
+    warnings = [r.getMessage() for r in monitor_log.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert f"step {collapse_step}: sequence length collapse" in " ".join(warnings)
+    assert f"step {hockey_step}: reward hockey stick" in " ".join(warnings)
 
 
-def test_healthy_noisy_runs_stay_silent(tmp_path, hooked, capfd):
+def test_healthy_noisy_runs_stay_silent(tmp_path, hooked, monitor_log):
     for seed in range(5):
         args = openrlhf_args(tmp_path, run_name=f"healthy{seed}")
         drive(make_trainer(args), healthy_series(seed))
@@ -155,7 +172,7 @@ def test_healthy_noisy_runs_stay_silent(tmp_path, hooked, capfd):
         assert set(tb["train/bai/hockey_stick"].values()) == {0.0}
         assert "train/bai/length_collapse_step" not in tb and "train/bai/reward_recovery_steps" not in tb
         assert min(tb["train/bai/response_length_ratio"].values()) > 0.9
-    assert "[openrlhf-bai]" not in capfd.readouterr().out
+    assert monitor_log.records == []
 
 
 def test_resumed_run_keeps_its_baseline_through_client_states(tmp_path, hooked):
@@ -310,7 +327,7 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
 
     # on_collapse=stop from the runtime_env: the first detection's step is saved as an OpenRLHF checkpoint.
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "collapsing"))
-    first = min(first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"]))
+    first = first_alarm(tb)
     assert DROP_AT <= first <= DROP_AT + 4
     assert [tag for tag, _ in collapsing["saves"]] == [f"global_step{first}"]
     assert collapsing["saves"][0][1][STATE_KEY]["length"]["base_mean"] == pytest.approx(1000, rel=0.05)
@@ -330,7 +347,7 @@ def test_on_collapse_stop_ends_ppotrainer_fit_cleanly(tmp_path, ray_with_hooks):
     ray = ray_with_hooks
     result = ray.get(ray.remote(fit_in_worker).remote(tmp_path, collapsing_series()))
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "fit"))
-    stop = min(first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"]))
+    stop = first_alarm(tb)
     assert result["trained"] == list(range(1, stop + 1))  # no step after the one that fired
     assert result["saves"] == [f"global_step{stop}"]
     assert result["buffer_left"] == STEPS - stop  # the loop ended with rollouts left, not by running out

@@ -37,9 +37,10 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def probed(llama_family, files, tmp_path_factory):
     out = tmp_path_factory.mktemp("probe-out")
+    recipe = BAIRecipe(base=str(llama_family["base"]),
+                       sft=(str(llama_family["sft_instruct"]), str(llama_family["sft_reasoning"])))
     result = run_probe(
-        str(llama_family["base"]), [str(llama_family["sft_instruct"]), str(llama_family["sft_reasoning"])],
-        [0.5, 1.0, 0.0], files / "prompts.jsonl", input_key="question", apply_chat_template=True,
+        recipe, [0.5, 1.0, 0.0], files / "prompts.jsonl", input_key="question", apply_chat_template=True,
         max_new_tokens=MAX_NEW, engine="hf", batch_size=3, heldout=files / "heldout.txt",
         plot_path=out / "probe.png", json_path=out / "probe.json",
     )
@@ -155,7 +156,8 @@ def _row(alpha, length, kl_base):
 
 def test_suggest_picks_the_most_sft_heavy_alpha_within_both_bounds():
     reasoning = _row(None, 1000.0, 0.40)
-    rows = [_row(0.1, 980, 0.30), _row(0.3, 900, 0.18), _row(0.5, 820, 0.09), _row(0.7, 500, 0.03), _row(0.9, 300, 0.01)]
+    rows = [_row(0.1, 980, 0.30), _row(0.3, 900, 0.18), _row(0.5, 820, 0.09), _row(0.7, 500, 0.03),
+            _row(0.9, 300, 0.01)]
     s = suggest(rows, reasoning)  # defaults: length >= 800, KL <= 0.20
     assert (s["alpha"], s["min_length"], s["max_kl_base"]) == (0.3, 800.0, 0.20)
     assert suggest(rows, reasoning, max_kl_base_share=0.25)["alpha"] == 0.5  # KL <= 0.10
@@ -262,8 +264,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, expected, llama_family, 
 
 def test_vllm_engine_without_a_gpu_is_refused(llama_family, files, tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OPENRLHF_BAI_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "openrlhf_bai.cli.main", *_args(llama_family, files, "--engine", "vllm",
-                           "--plot", str(tmp_path / "p.png"))], env=env, capture_output=True, text=True, timeout=300)
+    args = _args(llama_family, files, "--engine", "vllm", "--plot", str(tmp_path / "p.png"))
+    proc = subprocess.run([sys.executable, "-m", "openrlhf_bai.cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         "openrlhf-bai: error: --engine vllm needs a CUDA GPU and none is visible; use --engine hf")

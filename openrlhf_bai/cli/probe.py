@@ -6,28 +6,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from openrlhf_bai.cli.merge import add_recipe_args, recipe_from_args
 from openrlhf_bai.probe import MAX_KL_BASE_SHARE, MIN_LENGTH_SHARE
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openrlhf-bai probe", description=__doc__.split("\n\n")[0])
     merge = p.add_argument_group("the merge (as for `openrlhf-bai merge`; the same values reuse the same cache)")
-    merge.add_argument("--base", required=True, help="pretrained base model: local directory or hub id")
-    merge.add_argument("--sft", required=True, nargs="+", help="SFT models (e.g. instruct, then reasoning)")
-    merge.add_argument("--sft-weights", type=float, nargs="+", default=None, help="stage-1 weights (default: equal)")
+    add_recipe_args(merge, with_alpha=False)
     merge.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                        help="candidate shares of the base, each in [0, 1] (default 0.1 0.3 0.5 0.7 0.9)")
-    merge.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: the base's dtype")
-    merge.add_argument("--max-shard-size", default="5GB", help="as in transformers (default 5GB)")
-    merge.add_argument("--config-from", default=None, help="input that supplies config.json (default: first --sft)")
-    merge.add_argument("--tokenizer-from", default=None, help="input that supplies the tokenizer (default: first --sft)")
-    merge.add_argument("--normalize", action="store_true", help="rescale SFT weights that do not sum to 1")
-    merge.add_argument("--vocab-mismatch", choices=["error", "renormalize"], default="error",
-                       help="embedding rows only some inputs have: refuse (default) or merge each row over its owners")
 
     data = p.add_argument_group("prompts (OpenRLHF's prompt dataset form)")
     data.add_argument("--prompts", required=True, help="JSONL file, one prompt per line (the training file works)")
-    data.add_argument("--input-key", default="input", help="JSON key of the prompt (as --data.input_key; default input)")
+    data.add_argument("--input-key", default="input",
+                      help="JSON key of the prompt (as --data.input_key; default input)")
     data.add_argument("--input-template", default=None, help="format string with {} (as --data.input_template)")
     data.add_argument("--apply-chat-template", action="store_true",
                       help="wrap each input with the tokenizer's chat template (as --data.apply_chat_template)")
@@ -45,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rule = p.add_argument_group("suggestion: the smallest alpha within both bounds")
     rule.add_argument("--reasoning-sft", default=None,
-                      help="the length reference: 1-based index into --sft or a checkpoint directory (default: last --sft)")
+                      help="the length reference: 1-based index into --sft or a checkpoint directory "
+                      "(default: last --sft)")
     rule.add_argument("--min-length-share", type=float, default=MIN_LENGTH_SHARE,
                       help=f"mean length >= this share of the reasoning SFT's (default {MIN_LENGTH_SHARE})")
     rule.add_argument("--max-kl-base-share", type=float, default=MAX_KL_BASE_SHARE,
@@ -65,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load would bury the probe's own lines
     result = run_probe(
-        a.base, a.sft, a.alphas, a.prompts, sft_weights=a.sft_weights, normalize=a.normalize, dtype=a.dtype,
-        config_from=a.config_from, tokenizer_from=a.tokenizer_from, vocab_mismatch=a.vocab_mismatch,
-        max_shard_size=a.max_shard_size, reasoning_sft=a.reasoning_sft, input_key=a.input_key,
+        recipe_from_args(a, alpha=0.5), a.alphas, a.prompts, reasoning_sft=a.reasoning_sft, input_key=a.input_key,
         input_template=a.input_template, apply_chat_template=a.apply_chat_template, num_prompts=a.num_prompts or None,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, engine=a.engine,
         batch_size=a.batch_size, heldout=a.heldout, heldout_max_tokens=a.heldout_max_tokens,
@@ -81,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(s["message"])
     if s["alpha"] is not None:
         path = next(r["path"] for r in result["rows"] if r["kind"] == "candidate" and r["alpha"] == s["alpha"])
-        print(f"  merged at {path}; --actor_init bai with this alpha and the same merge options reuses it")
+        print(f"  merged at {path}; `--actor_init bai --bai.alpha {s['alpha']:g}` with the same models reuses it")
     print(f"plot: {a.plot}" + (f", numbers: {a.json}" if a.json else ""))
     return 0
 
