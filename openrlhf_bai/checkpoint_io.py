@@ -3,7 +3,7 @@
 - `open_checkpoint`: resolve a local directory or hub id and read config.json and every safetensors header
   (no tensor data), refusing pickle-only checkpoints, truncated shards and index entries that leave the directory.
 - `read_rows`: rows of one tensor, read on demand; nothing else of the model is in memory.
-- `safetensors_header` / `tensor_bytes`: a shard is written as its header followed by tensor bytes in order, so
+- `safetensors_header`: a shard is written as its header followed by tensor bytes in order, so
   the writer never holds a whole tensor, let alone a whole model.
 """
 
@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from openrlhf_bai.errors import BAIError
 
@@ -28,12 +28,12 @@ TOKENIZER_FILES = (
     "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt", "chat_template.jinja", "chat_template.json",
 )
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# safetensors dtype -> numpy storage type. bf16 has no numpy type: its values travel as their raw 16 bits.
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOATS = ("F64", "F32", "F16", "BF16")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _SAMPLE = 64 * 1024  # bytes of tensor data hashed at each end of a shard for the fingerprint
 
@@ -41,7 +41,7 @@ _SAMPLE = 64 * 1024  # bytes of tensor data hashed at each end of a shard for th
 @dataclass
 class TensorInfo:
     file: Path
-    dtype: torch.dtype
+    dtype: str  # safetensors name: BF16, F16, F32, ...
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in `file`
 
@@ -145,7 +145,7 @@ def open_checkpoint(path: str, label: str) -> Checkpoint:
         for name, v in header.items():
             if v["dtype"] not in DTYPES:
                 raise BAIError(f"{file}: tensor {name} has unsupported dtype {v['dtype']}")
-            tensors[name] = TensorInfo(file, DTYPES[v["dtype"]], tuple(v["shape"]), start + v["data_offsets"][0])
+            tensors[name] = TensorInfo(file, v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0])
         sizes[file.name] = file.stat().st_size
         # Headers and sizes alone cannot tell a fine-tune from its base; a sample of the data can.
         with open(file, "rb") as f:
@@ -155,19 +155,18 @@ def open_checkpoint(path: str, label: str) -> Checkpoint:
     return Checkpoint(label, path, directory, revision, config, tensors, sizes, digest.hexdigest())
 
 
-def read_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of a tensor (dim 0; a 0-d tensor is one row), read with pread into a fresh buffer.
+def read_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor (dim 0; a 0-d tensor is one row), flat, read with pread into a new array.
     Plain reads rather than a memory map: mapped pages would count in the process's RSS for the whole merge."""
     info = ckpt.tensors[name]
     row_numel = _row_numel(info.shape)
-    out = torch.empty(((stop - start) * row_numel,), dtype=info.dtype)
-    if out.numel():
+    out = np.empty((stop - start) * row_numel, dtype=DTYPES[info.dtype])
+    if out.size:
         if info.file not in ckpt._files:
             ckpt._files[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = memoryview(out.view(torch.uint8).numpy())
-        if os.preadv(ckpt._files[info.file], [buf], info.offset + start * row_numel * out.element_size()) != len(buf):
+        if os.preadv(ckpt._files[info.file], [out], info.offset + start * row_numel * out.itemsize) != out.nbytes:
             raise BAIError(f"{info.file}: truncated while reading tensor {name} (file changed during the merge?)")
-    return out.view((stop - start, *info.shape[1:]) if info.shape else ())
+    return out
 
 
 def close(ckpt: Checkpoint) -> None:
@@ -187,27 +186,23 @@ def rows_of(shape: tuple[int, ...]) -> int:
     return shape[0] if shape else 1
 
 
-def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
+def nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    n = np.dtype(DTYPES[dtype]).itemsize
     for d in shape:
         n *= d
     return n
 
 
-def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
+def safetensors_header(entries: list[tuple[str, tuple[int, ...], str]]) -> bytes:
     """The 8-byte length and JSON header of a shard holding `entries` in order (metadata format=pt)."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in entries:
         size = nbytes(shape, dtype)
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns tensor data to 8 bytes
     return struct.pack("<Q", len(raw)) + raw
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def parse_size(text: str | int) -> int:

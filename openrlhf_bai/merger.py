@@ -15,11 +15,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from openrlhf_bai import checkpoint_io as io
 from openrlhf_bai.errors import BAIError
-from openrlhf_bai.recipe import DTYPES, BAIRecipe, combine_rows
+from openrlhf_bai.recipe import DTYPES, BAIRecipe, combine_rows, to_fp32
 
 PROVENANCE = "bai_recipe.json"
 CHUNK_ELEMENTS = 1 << 18  # rows are merged in slices of ~256K elements: 1 MB in fp32 stays in the CPU cache
@@ -30,7 +30,7 @@ FORMAT_VERSION = 1  # bump when the output bytes for the same recipe would chang
 class TensorPlan:
     name: str
     shape: tuple[int, ...]  # output shape
-    dtype: torch.dtype  # output dtype
+    dtype: str  # output dtype (safetensors name)
     rows: tuple[int, ...]  # each input's row count (equal unless the vocabulary differs)
     merged: bool  # floating tensors are merged; others are copied from the config source
 
@@ -100,7 +100,7 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
             )
 
     if recipe.dtype == "auto":
-        float_dtypes = [t.dtype for t in base.tensors.values() if t.dtype.is_floating_point]
+        float_dtypes = [t.dtype for t in base.tensors.values() if t.dtype in io.FLOATS]
         out_dtype = {v: k for k, v in DTYPES.items()}.get(max(set(float_dtypes), key=float_dtypes.count), "fp32")
     else:
         out_dtype = recipe.dtype
@@ -119,7 +119,7 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
                     f"vocabulary sizes differ: {name} has {rows} rows (an SFT model added tokens); pass "
                     "--vocab-mismatch renormalize to merge each row over the inputs that have it"
                 )
-        merged = all(i.dtype.is_floating_point for i in infos)
+        merged = all(i.dtype in io.FLOATS for i in infos)
         out_shape = shapes[config_src]
         tensors.append(TensorPlan(name, out_shape, DTYPES[out_dtype] if merged else infos[config_src].dtype,
                                   tuple(io.rows_of(s) for s in shapes), merged))
@@ -203,16 +203,22 @@ def merge(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool = False,
           plan: MergePlan | None = None) -> Path:
     """Merge into output_dir and return it. A finished merge of the same recipe there is reused untouched;
     two processes merging the same recipe do the work once. On any failure nothing is left at output_dir."""
+    return merge_or_reuse(recipe, output_dir, overwrite=overwrite, progress=progress, plan=plan)[0]
+
+
+def merge_or_reuse(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+                   plan: MergePlan | None = None) -> tuple[Path, bool]:
+    """`merge`, also saying whether the output was already there (True) or written now (False)."""
     from filelock import FileLock
 
     plan = plan or plan_merge(recipe)
     output_dir = Path(output_dir).expanduser().absolute()
     if check_destination(output_dir, plan, overwrite):
-        return output_dir
+        return output_dir, True
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(output_dir.parent / f".{output_dir.name}.lock")):
         if check_destination(output_dir, plan, overwrite):  # another process finished it while we waited
-            return output_dir
+            return output_dir, True
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
         umask = os.umask(0)
         os.umask(umask)
@@ -232,14 +238,13 @@ def merge(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool = False,
         finally:
             for c in plan.inputs:
                 io.close(c)
-    return output_dir
+    return output_dir, False
 
 
 def _write_merge(plan: MergePlan, out: Path, progress: bool) -> None:
     from tqdm import tqdm
 
     recipe, inputs = plan.recipe, plan.inputs
-    coefficients = recipe.coefficients()
     bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="BAI merge",
                disable=None if progress else True)
     weight_map = {}
@@ -249,15 +254,15 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool) -> None:
             for t in entries:
                 weight_map[t.name] = shard_name
                 rows = io.rows_of(t.shape)
-                step = max(1, CHUNK_ELEMENTS // max(1, io.nbytes(t.shape, torch.uint8) // max(rows, 1)))
+                step = max(1, CHUNK_ELEMENTS // max(1, io.nbytes(t.shape, "U8") // max(rows, 1)))
                 for start in range(0, rows, step):
                     stop = min(rows, start + step)
                     if not t.merged:
                         chunk = io.read_rows(inputs[plan.config_src], t.name, start, stop)
                     else:
-                        chunk = _merge_rows(inputs, t, start, stop, coefficients, recipe)
-                    f.write(io.tensor_bytes(chunk))
-                    bar.update(chunk.numel() * chunk.element_size())
+                        chunk = _merge_rows(inputs, t, start, stop, recipe)
+                    f.write(chunk)
+                    bar.update(chunk.nbytes)
     bar.close()
 
     if len(plan.shards) > 1:
@@ -274,26 +279,27 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool) -> None:
     io.write_json(out / PROVENANCE, provenance(plan))
 
 
-def _merge_rows(inputs, t: TensorPlan, start: int, stop: int, coefficients, recipe) -> torch.Tensor:
+def _merge_rows(inputs, t: TensorPlan, start: int, stop: int, recipe: BAIRecipe) -> np.ndarray:
     """Merged rows [start, stop) of one tensor. Rows only some inputs have (a grown vocabulary) are merged
     over those inputs with their weights renormalized; the range is cut where the set of owners changes."""
     pieces, cut = [], start
     for edge in sorted({r for r in t.rows if start < r < stop} | {stop}):
         owners = [k for k, r in enumerate(t.rows) if r >= edge]
-        chunk = combine_rows(
+        chunk, finite = combine_rows(
             [io.read_rows(inputs[k], t.name, cut, edge) for k in owners],
-            owners, recipe.alpha, recipe.weights(), t.dtype,
+            [inputs[k].tensors[t.name].dtype for k in owners], owners, recipe.alpha, recipe.weights(), t.dtype,
         )
-        if chunk.numel() and not torch.isfinite(torch.stack(torch.aminmax(chunk))).all():  # NaN propagates
+        if not finite:
             _raise_non_finite(inputs, owners, t, cut, edge)
         pieces.append(chunk)
         cut = edge
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def _raise_non_finite(inputs, owners, t: TensorPlan, start: int, stop: int):
     for k in owners:
-        if not torch.isfinite(io.read_rows(inputs[k], t.name, start, stop).float()).all():
+        rows = io.read_rows(inputs[k], t.name, start, stop)
+        if not np.isfinite(to_fp32(rows, inputs[k].tensors[t.name].dtype, np.empty(rows.size, np.float32))).all():
             raise BAIError(f"non-finite values (NaN or Inf) in tensor {t.name} of {inputs[k].label}")
     raise BAIError(f"tensor {t.name} overflows {t.dtype} after merging; choose a wider --dtype")
 

@@ -202,9 +202,10 @@ def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, mon
     assert set(tb["train/bai/length_collapse"].values()) == {0.0}
     assert first_step_at_1(tb["train/bai/hockey_stick"]) == DROP_AT
 
-    monkeypatch.setenv(CONFIG_ENV, json.dumps({"smoothing": 0}))
-    with pytest.raises(BAIError, match="--bai.smoothing must be in"):
-        drive(make_trainer(openrlhf_args(tmp_path, run_name="bad")), collapsing_series()[:1])
+    for bad, message in (({"smoothing": 0}, "--bai.smoothing must be in"), ("on", "must hold a JSON object")):
+        monkeypatch.setenv(CONFIG_ENV, json.dumps(bad) if isinstance(bad, dict) else bad)
+        with pytest.raises(BAIError, match=message):
+            drive(make_trainer(openrlhf_args(tmp_path, run_name="bad")), collapsing_series()[:1])
 
 
 def test_install_is_idempotent_and_user_callbacks_come_from_the_registry_and_entry_points(tmp_path, hooked, monkeypatch):

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from openrlhf_bai.merger import check_destination, existing_parent, merge, plan_merge
+    from openrlhf_bai.merger import check_destination, existing_parent, merge_or_reuse, plan_merge
     from openrlhf_bai.recipe import to_mergekit_yaml
 
     a = build_parser().parse_args(argv)
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         state = "holds this merge already (would be reused)" if reuse else "would be written"
         print(f"  dry run: {output} {state}; disk needed {plan.bytes_to_write / 1e6:.1f} MB, free {free / 1e9:.1f} GB")
         return 0
-    merge(recipe, output, overwrite=a.overwrite, progress=not a.no_progress, plan=plan)
-    print(f"{'reused' if reuse else 'wrote'} {output}")
+    _, reused = merge_or_reuse(recipe, output, overwrite=a.overwrite, progress=not a.no_progress, plan=plan)
+    print(f"{'reused' if reused else 'wrote'} {output}")
     return 0
 
 

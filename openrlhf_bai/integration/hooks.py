@@ -143,9 +143,8 @@ def ray_runtime_env(runtime_env: dict | None = None) -> dict:
         env["env_vars"] = dict(env["env_vars"])
     existing = env.get("worker_process_setup_hook")
     if existing not in (None, SETUP_HOOK):
-        raise BAIError(
-            f"runtime_env already has worker_process_setup_hook {existing!r}; Ray takes one, so call {SETUP_HOOK}() from it"
-        )
+        raise BAIError(f"runtime_env already has worker_process_setup_hook {existing!r}; "
+                       f"Ray takes one, so call {SETUP_HOOK}() from it")
     env["worker_process_setup_hook"] = SETUP_HOOK
     return env
 

@@ -42,15 +42,17 @@ def add_bai_arguments(parser: argparse.ArgumentParser) -> None:
     th = Thresholds()
     parser.add_argument("--actor_init", "--actor.init", dest="actor.init", choices=("none", "bai"), default="none",
                         help="bai: initialize the actor with the BAI merge of --bai.base and --bai.sft (default none)")
-    parser.add_argument("--bai.base", default=None, help="pretrained base model: local directory or hub id")
-    parser.add_argument("--bai.sft", nargs="+", default=None,
+    parser.add_argument("--bai.base", default=None, metavar="PATH",
+                        help="pretrained base model: local directory or hub id")
+    parser.add_argument("--bai.sft", nargs="+", default=None, metavar="PATH",
                         help="SFT models, e.g. instruct then reasoning (default: the actor path given to OpenRLHF)")
-    parser.add_argument("--bai.sft_weights", type=float, nargs="+", default=None,
+    parser.add_argument("--bai.sft_weights", type=float, nargs="+", default=None, metavar="W",
                         help="stage-1 weights, one per SFT model, summing to 1 (default: equal)")
-    parser.add_argument("--bai.alpha", type=float, default=0.5, help="share of the base in the actor (default 0.5)")
+    parser.add_argument("--bai.alpha", type=float, default=0.5, metavar="A",
+                        help="share of the base in the actor (default 0.5)")
     parser.add_argument("--bai.dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="dtype of the merged checkpoint (default auto: the base's)")
-    parser.add_argument("--bai.output_dir", default=None,
+    parser.add_argument("--bai.output_dir", default=None, metavar="DIR",
                         help="directory for the merged actor (default: the shared cache, $OPENRLHF_BAI_CACHE or "
                              "~/.cache/openrlhf_bai, one directory per recipe hash, reused by a repeat run)")
     parser.add_argument("--bai.overwrite", action="store_true",
@@ -65,15 +67,16 @@ def add_bai_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bai.on_collapse", choices=ON_COLLAPSE, default="warn",
                         help="when a detector fires: warn (default), save an OpenRLHF checkpoint, "
                              "or stop (save, then end training)")
-    parser.add_argument("--bai.baseline_steps", type=int, default=th.baseline_steps,
+    parser.add_argument("--bai.baseline_steps", type=int, default=th.baseline_steps, metavar="N",
                         help=f"first steps averaged into the length and reward baselines (default {th.baseline_steps})")
-    parser.add_argument("--bai.smoothing", type=float, default=th.smoothing,
+    parser.add_argument("--bai.smoothing", type=float, default=th.smoothing, metavar="X",
                         help=f"EMA weight of the newest step, 1 = no smoothing (default {th.smoothing})")
-    parser.add_argument("--bai.collapse_ratio", type=float, default=th.collapse_ratio,
+    parser.add_argument("--bai.collapse_ratio", type=float, default=th.collapse_ratio, metavar="X",
                         help=f"smoothed length / baseline below this is a collapse (default {th.collapse_ratio})")
-    parser.add_argument("--bai.hockey_drawdown", type=float, default=th.hockey_drawdown,
-                        help=f"baseline spreads the smoothed reward must fall below its baseline (default {th.hockey_drawdown})")
-    parser.add_argument("--bai.patience", type=int, default=th.patience,
+    parser.add_argument("--bai.hockey_drawdown", type=float, default=th.hockey_drawdown, metavar="X",
+                        help="baseline spreads the smoothed reward must fall below its baseline "
+                             f"(default {th.hockey_drawdown})")
+    parser.add_argument("--bai.patience", type=int, default=th.patience, metavar="N",
                         help=f"consecutive steps a condition must hold before it is raised (default {th.patience})")
 
 
@@ -118,35 +121,40 @@ def materialize(recipe, bai) -> Path:
     nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     # num_cpus=0: it must run on every node, a head node without CPUs for tasks included.
     task = ray.remote(num_cpus=0)(_merge_on_this_node)
-    results = ray.get([
-        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(recipe, str(out), bai.overwrite)
-        for node in nodes
-    ])
+    pinned = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)) for node in nodes]
+    results = ray.get([t.remote(recipe, str(out), bai.overwrite, plan.recipe_hash) for t in pinned])
     problems = []
     for node, digest, error in results:
         if error:
             problems.append(f"node {node}: {error}")
         elif digest != plan.recipe_hash:
-            problems.append(f"node {node}: recipe hash {str(digest)[:16]}, not the driver's {plan.recipe_hash[:16]} (its inputs differ)")
+            problems.append(
+                f"node {node}: recipe hash {digest[:16]}, not the driver's {plan.recipe_hash[:16]} (its inputs differ)"
+            )
         else:
             print(f"openrlhf-bai: node {node}: {out} (recipe hash {digest[:16]})")
     if problems:
-        raise BAIError(f"per-node merge into {out} failed on {len(problems)} of {len(nodes)} nodes: " + "; ".join(problems))
+        raise BAIError(
+            f"per-node merge into {out} failed on {len(problems)} of {len(nodes)} nodes: " + "; ".join(problems)
+        )
     return out
 
 
-def _merge_on_this_node(recipe, output_dir: str, overwrite: bool) -> tuple[str, str | None, str | None]:
-    """(node id, recipe hash of the merge now at output_dir on this node, error message)."""
+def _merge_on_this_node(recipe, output_dir: str, overwrite: bool, expected_hash: str):
+    """(node id, recipe hash of this node's inputs, error message). A node whose inputs differ from the driver's
+    writes nothing: the directory's name stands for the driver's recipe hash."""
     import ray
 
-    from openrlhf_bai.merger import existing_merge_hash, merge
+    from openrlhf_bai.merger import merge, plan_merge
 
     node = ray.get_runtime_context().get_node_id()
     try:
-        merge(recipe, output_dir, overwrite=overwrite, progress=False)
+        plan = plan_merge(recipe)
+        if plan.recipe_hash == expected_hash:
+            merge(recipe, output_dir, overwrite=overwrite, progress=False, plan=plan)
     except BAIError as e:
         return node, None, str(e)
-    return node, existing_merge_hash(Path(output_dir)), None
+    return node, plan.recipe_hash, None
 
 
 def openrlhf_version() -> tuple[int, ...] | None:
@@ -212,7 +220,7 @@ def run(argv: list[str]) -> int:
 
     command = [sys.executable, "-m", OPENRLHF_CLI, *rest]
     if bai.merge_only:
-        print(shlex.join(command))
+        print(" ".join(map(shell_quote, command)))
         return 0
 
     from openrlhf_bai.integration.flash_attn_cpu import make_flash_attn_importable
@@ -228,10 +236,26 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def shell_quote(arg: str) -> str:
+    """shlex.quote, but an argument with a newline or another control character (an --data.input_template, say)
+    is written as bash's $'...', so that the command stays on one line."""
+    if arg.isprintable():
+        return shlex.quote(arg)
+    escaped = "".join(
+        "\\" + c if c in "\\'"
+        else c if c.isprintable()
+        else f"\\x{ord(c):02x}" if ord(c) < 0x80
+        else f"\\U{ord(c):08x}"
+        for c in arg
+    )
+    return f"$'{escaped}'"
+
+
 def _actor_init_bai(rest: list[str], bai) -> list[str]:
     """OpenRLHF's arguments with the actor (and a critic that is the actor) pointed at the BAI checkpoint."""
     # `--flag=value` split in two, so each path is one token to read and replace.
-    rest = [part for arg in rest for part in (arg.split("=", 1) if arg.split("=", 1)[0] in ACTOR_FLAGS + CRITIC_FLAGS else [arg])]
+    path_flags = ACTOR_FLAGS + CRITIC_FLAGS
+    rest = [part for arg in rest for part in (arg.split("=", 1) if arg.split("=", 1)[0] in path_flags else [arg])]
     present = [flag for flag in ACTOR_FLAGS if flag in rest]
     if len(present) > 1:
         raise BAIError("both --actor.model_name_or_path (OpenRLHF 0.11) and --pretrain (up to 0.10) given; use one")

@@ -63,7 +63,15 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
     run = trainer.__dict__.get("_bai_monitor")
     if run is None:  # this trainer's first step, or the first after a resume
         args = trainer.args
-        given = monitor_config(args.bai) if hasattr(args, "bai") else json.loads(os.environ.get(CONFIG_ENV) or "{}")
+        if hasattr(args, "bai"):
+            given = monitor_config(args.bai)
+        else:
+            try:
+                given = json.loads(os.environ.get(CONFIG_ENV) or "{}")
+            except json.JSONDecodeError:
+                given = None
+            if not isinstance(given, dict):
+                raise BAIError(f"${CONFIG_ENV} must hold a JSON object, got {os.environ[CONFIG_ENV]!r}")
         config = {**DEFAULTS, **given}
         check_config(config)
         resumed = getattr(trainer, "bai_resumed_states", {}).get(STATE_KEY)
@@ -103,16 +111,20 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
     if before[1] is None and reward["drop_step"] is not None:
         fired.append(
             f"reward hockey stick: smoothed reward {diagnostics['bai/reward_drawdown']:.1f} baseline spreads below "
-            f"its baseline {reward['base_mean']:.4g} for {th.patience} steps (--bai.hockey_drawdown {th.hockey_drawdown:g})"
+            f"its baseline {reward['base_mean']:.4g} for {th.patience} steps "
+            f"(--bai.hockey_drawdown {th.hockey_drawdown:g})"
         )
     if before[2] is None and reward["recovery_steps"] is not None:
         logger.info(
-            f"[openrlhf-bai] step {global_step}: reward back at its baseline {reward['recovery_steps']} steps after the drop"
+            f"[openrlhf-bai] step {global_step}: reward back at its baseline "
+            f"{reward['recovery_steps']} steps after the drop"
         )
     if not fired or run.get("stopping"):
         return
     action = run["config"]["on_collapse"]
-    consequence = {"warn": "training goes on", "save": "saving a checkpoint", "stop": "saving a checkpoint, then stopping"}
+    consequence = {
+        "warn": "training goes on", "save": "saving a checkpoint", "stop": "saving a checkpoint, then stopping"
+    }
     for event in fired:
         logger.warning(f"[openrlhf-bai] step {global_step}: {event}; --bai.on_collapse {action}: {consequence[action]}")
     if action == "save":

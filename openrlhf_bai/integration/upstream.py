@@ -1,0 +1,57 @@
+"""The plugin's entry points for an OpenRLHF with the two hook points of patches/openrlhf-0.11.2-actor-init.patch.
+
+openrlhf.actor_init         bai = actor_init: OpenRLHF's own parser gets the --bai.* flags (actor_init.add_arguments),
+                            and `--actor_init bai` runs the launcher's steps on OpenRLHF's parsed args, on the driver,
+                            before any model is created.
+openrlhf.trainer_callbacks  bai = trainer_callback: the trainer hooks (the stability monitor first), in the process
+                            that runs the PPO trainer, even where Ray was not started with the plugin's setup hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from openrlhf_bai.errors import BAIError
+from openrlhf_bai.integration import hooks
+from openrlhf_bai.integration.launcher import add_bai_arguments, init_actor, start_ray
+from openrlhf_bai.integration.monitor import check_config, monitor_config
+
+
+def actor_init(args) -> None:
+    """`--actor_init bai`: merge (or reuse the cached merge) and point the actor, and a critic that is the actor, at
+    it; then start Ray with the plugin's worker setup hook, as the launcher does, so OpenRLHF's train() joins it."""
+    try:
+        check_config(monitor_config(args.bai))  # bad thresholds fail here, not in a Ray worker after the first step
+        init_actor(args)
+        print(f"openrlhf-bai: actor initialized from {args.actor.model_name_or_path} (alpha {args.bai.alpha:g})")
+        if args.bai.merge_only:  # the merged checkpoint is the last line of stdout
+            print(args.actor.model_name_or_path)
+            raise SystemExit(0)
+        start_ray(args.bai)
+    except BAIError as e:
+        raise SystemExit(f"openrlhf-bai: error: {e}") from e
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --bai.* flags, in a group of their own; OpenRLHF's parser has its own --actor_init."""
+    # launcher.add_bai_arguments also adds the launcher's --actor_init (choices none, bai), which would clash with
+    # OpenRLHF's, whose choices are every installed initializer: only its --bai.* actions are taken over.
+    flags = argparse.ArgumentParser(add_help=False)
+    add_bai_arguments(flags)
+    group = parser.add_argument_group("openrlhf-bai (--actor_init bai, stability monitor)")
+    for action in flags._actions:
+        if action.dest.startswith("bai."):
+            group._add_action(action)
+
+
+actor_init.add_arguments = add_arguments
+
+
+def trainer_callback(trainer, global_step: int, logs_dict: dict, client_states: dict) -> None:
+    """OpenRLHF's trainer-callback hook point: the first call in a process installs the trainer hooks and runs
+    their callbacks for this step; from the next step on the hooks' own wrapper runs them (save and stop included)."""
+    if getattr(type(trainer).save_logs_and_checkpoints, "_openrlhf_bai", False):
+        return  # installed already (an earlier step, or the worker setup hook): the wrapper ran them for this step
+    hooks.install_hooks()
+    for callback in list(hooks.CALLBACKS):
+        callback(trainer, global_step, logs_dict, client_states)

@@ -1,0 +1,196 @@
+"""The launcher: argument split and rewrite, the cached merge, pass-through, and the launch into OpenRLHF 0.11.2's
+own train_ppo_ray (its parser and checks run on the rewritten arguments)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from openrlhf_bai.cli.main import main as dispatcher
+from openrlhf_bai.cli.train_ppo_ray import main
+from openrlhf_bai.errors import BAIError
+from openrlhf_bai.integration import launcher
+from openrlhf_bai.integration.hooks import SETUP_HOOK
+from openrlhf_bai.integration.monitor import CONFIG_ENV
+from openrlhf_bai.merger import PROVENANCE, cache_root
+
+
+def recipe_flags(fam, *extra):
+    return ["--bai.base", str(fam["base"]), "--bai.sft", str(fam["sft_instruct"]), str(fam["sft_reasoning"]), *extra]
+
+
+def shell_words(line: str) -> list[str]:
+    """The words bash makes of a command line."""
+    run = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], capture_output=True, text=True, check=True)
+    return run.stdout.split("\0")[:-1]
+
+
+def command_of(capsys) -> list[str]:
+    """The OpenRLHF command merge_only prints as its last stdout line, split as bash splits it."""
+    return shell_words(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def file_states(directory: Path) -> dict:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.iterdir()}
+
+
+def test_merge_only_with_dotted_flags_rewrites_the_actor_and_passes_everything_else(llama_family, capsys):
+    sft = str(llama_family["sft_reasoning"])
+    openrlhf = ["--actor.model_name_or_path", sft, f"--critic.model_name_or_path={sft}", "--reward.clip_range", "-10",
+                "10", "--data.input_template", "User: {}\nAssistant:", "--ckpt.path", "/ckpt", "--logger.tensorboard_dir", "tb"]
+    assert main([*openrlhf[:3], "--actor_init", "bai", *recipe_flags(llama_family, "--bai.alpha", "0.25"),
+                 *openrlhf[3:], "--bai.merge_only", "--bai.on_collapse", "stop"]) == 0
+    command = command_of(capsys)
+    merged = command[command.index("--actor.model_name_or_path") + 1]
+    assert command[:3] == [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
+    assert command[3:] == ["--actor.model_name_or_path", merged, "--critic.model_name_or_path", merged, *openrlhf[3:]]
+    assert Path(merged).parent == cache_root() / "merged"
+    recipe = json.loads((Path(merged) / PROVENANCE).read_text())["recipe"]
+    assert recipe["coefficients"] == pytest.approx([0.25, 0.375, 0.375])
+    assert recipe["sft"] == [str(llama_family["sft_instruct"]), sft]
+
+
+def test_merge_only_with_the_flags_of_earlier_releases_and_the_dotted_actor_init(llama_family, tmp_path, capsys):
+    sft = str(llama_family["sft_reasoning"])
+    out = tmp_path / "actor"
+    openrlhf = [f"--pretrain={sft}", "--critic_pretrain", sft, "--reward_pretrain", sft, "--save_path", "/out",
+                "--use_tensorboard", "tb"]
+    assert main(["--actor.init", "bai", "--bai.base", str(llama_family["base"]), "--bai.output_dir", str(out),
+                 *openrlhf, "--bai.merge_only"]) == 0
+    # --bai.sft defaults to the actor path: a one-SFT recipe, alpha*base + (1-alpha)*actor.
+    assert command_of(capsys)[3:] == ["--pretrain", str(out), "--critic_pretrain", str(out), *openrlhf[3:]]
+    recipe = json.loads((out / PROVENANCE).read_text())["recipe"]
+    assert recipe["sft"] == [sft] and recipe["coefficients"] == pytest.approx([0.5, 0.5])
+
+
+def test_a_repeat_run_reuses_the_cached_merge_untouched(llama_family, capsys):
+    args = ["--actor.model_name_or_path", "x", "--actor_init", "bai", *recipe_flags(llama_family, "--bai.alpha", "0.7"),
+            "--bai.merge_only"]
+    main(args)
+    merged = Path(command_of(capsys)[4])
+    before = file_states(merged)
+    main(args)
+    assert Path(command_of(capsys)[4]) == merged
+    assert file_states(merged) == before and len(before) >= 4  # config, weights, tokenizer, provenance
+
+
+def test_actor_init_none_changes_nothing(llama_family, capsys):
+    cache = cache_root() / "merged"
+    before = sorted(cache.iterdir()) if cache.exists() else []
+    openrlhf = [f"--pretrain={llama_family['sft_reasoning']}", "--actor.model_name_or_path", "a b", "--flag", "-1"]
+    assert main([*openrlhf, "--bai.stability", "off", "--bai.merge_only"]) == 0
+    assert command_of(capsys)[3:] == openrlhf
+    assert (sorted(cache.iterdir()) if cache.exists() else []) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--actor_init", "bai", "--actor.model_name_or_path", "m"], "needs --bai.base"),
+    (["--bai.base", "b", "--bai.sft", "s"], "--bai.base --bai.sft given without --actor_init bai"),
+    (["--bai.collapse_ratio", "1.5"], "--bai.collapse_ratio must be in (0, 1)"),
+    (["--bai.patience", "0"], "--bai.patience must be an integer >= 1"),
+    (["--actor_init", "bai", "--bai.base", "b", "--pretrain", "a", "--actor.model_name_or_path", "a"], "use one"),
+    (["--actor_init", "bai", "--bai.base", "b", "--bai.sft", "s1", "s2", "--bai.sft_weights", "1"], "2 SFT models"),
+    (["--actor_init", "bai", "--bai.base", "/no/such/base", "--bai.sft", "/no/such/sft"], "checkpoint not found"),
+])
+def test_bad_input_is_one_line_on_stderr(argv, message, capsys):
+    assert dispatcher(["train-ppo", *argv, "--bai.merge_only"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("openrlhf-bai: error: ") and message in err and err.count("\n") == 1
+
+
+def test_python_m_launcher_prints_the_command_last(llama_family, tmp_path):
+    sft = str(llama_family["sft_reasoning"])
+    run = subprocess.run(
+        [sys.executable, "-m", "openrlhf_bai.cli.train_ppo_ray", "--actor_init", "bai", *recipe_flags(llama_family),
+         "--actor.model_name_or_path", sft, "--bai.output_dir", str(tmp_path / "m"), "--bai.merge_only"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    command = shell_words(run.stdout.strip().splitlines()[-1])
+    assert command[3:] == ["--actor.model_name_or_path", str(tmp_path / "m")]
+    assert not any(arg.startswith(("--bai", "--actor_init", "--actor.init")) for arg in command)
+
+
+def test_driver_runtime_env_joins_a_submitted_jobs_env(monkeypatch):
+    """Under `ray job submit` Ray merges the job's runtime_env with ray.init's and refuses repeated keys."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    bai = SimpleNamespace(stability="on", on_collapse="save")
+    job = {"env_vars": {"NCCL_DEBUG": "INFO", "A": "1"}, "working_dir": "/code"}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job, "metadata": {}}))
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")  # the job's env_vars are the driver's environment too
+    monkeypatch.delenv("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", raising=False)
+    ours = launcher.driver_runtime_env(bai)
+    merged = _merge_runtime_env(job, ours)  # what ray.init does with them; None on a conflict
+    assert merged is not None and merged["worker_process_setup_hook"] == SETUP_HOOK
+    assert merged["env_vars"]["NCCL_DEBUG"] == "INFO" and merged["env_vars"]["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
+    assert json.loads(merged["env_vars"][CONFIG_ENV])["on_collapse"] == "save"
+
+    job["worker_process_setup_hook"] = "users.hook"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job}))
+    with pytest.raises(BAIError, match="Ray takes one"):
+        launcher.driver_runtime_env(bai)
+
+
+def test_launch_starts_ray_with_the_hooks_then_runs_openrlhfs_own_cli(llama_family, monkeypatch):
+    """Not merge_only: Ray is started with OpenRLHF's env_vars, the monitor's settings and the setup hook, then
+    OpenRLHF's train_ppo_ray runs as __main__ on the rewritten arguments. Its parser accepts them all, and its own
+    last check (too few sample batches for 8 actor GPUs) stops it before any GPU is asked for."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    sft = str(llama_family["sft_reasoning"])
+    argv_before = list(sys.argv)
+    try:
+        with pytest.raises(AssertionError, match="number of sample batches must be greater"):
+            main(["--actor.model_name_or_path", sft, "--actor_init", "bai", *recipe_flags(llama_family),
+                  "--reward.model_name_or_path", sft, "--bai.hockey_drawdown", "4", "--rollout.batch_size", "1",
+                  "--rollout.micro_batch_size", "8", "--actor.num_gpus_per_node", "8"])
+        env_vars = ray.get_runtime_context().runtime_env["env_vars"]
+        assert env_vars["NCCL_DEBUG"] == "INFO" and env_vars["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
+        assert json.loads(env_vars[CONFIG_ENV])["hockey_drawdown"] == 4
+        assert SETUP_HOOK in env_vars.values()  # Ray keeps a module-path setup hook as an env var
+        assert sys.argv == argv_before
+    finally:
+        ray.shutdown()
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "scripts"
+
+
+@pytest.fixture(scope="module")
+def openrlhf_flags():
+    """Every option of OpenRLHF 0.11.2's own train_ppo_ray parser, as its --help lists them."""
+    import contextlib
+    import io
+    import re
+    import runpy
+
+    argv, sys.argv = sys.argv, ["train_ppo_ray", "--help"]
+    help_text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(help_text), pytest.raises(SystemExit):
+            runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
+    finally:
+        sys.argv = argv
+    return set(re.findall(r"--[\w.]+", help_text.getvalue()))
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.sh")))
+def test_example_scripts_merge_and_hand_openrlhf_only_its_own_flags(script, llama_family, tmp_path, openrlhf_flags):
+    env = {**os.environ, "BASE": str(llama_family["base"]), "SFT_INSTRUCT": str(llama_family["sft_instruct"]),
+           "SFT_REASONING": str(llama_family["sft_reasoning"]), "SAVE_PATH": str(tmp_path / "exp"), "LAUNCH": "",
+           "PYTHON": sys.executable, "OPENRLHF_BAI_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run(["bash", str(EXAMPLES / script), "--bai.merge_only"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    command = shell_words(run.stdout.strip().splitlines()[-1])
+    assert {arg for arg in command[3:] if arg.startswith("--")} <= openrlhf_flags
+    merged = Path(command[command.index("--actor.model_name_or_path") + 1])
+    assert merged.parent == tmp_path / "cache" / "merged"
+    assert json.loads((merged / PROVENANCE).read_text())["recipe"]["coefficients"] == pytest.approx([0.5, 0.25, 0.25])
