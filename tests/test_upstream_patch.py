@@ -125,7 +125,10 @@ args = hierarchize(argparse.Namespace(**{
     "logger.logging_steps": 1, "logger.tensorboard_dir": root + "/tb", "logger.wandb.key": None,
     "logger.wandb.run_name": "run", "ckpt.path": root + "/ckpt", "ckpt.save_steps": float("inf"),
     "ckpt.load_enable": False, "ckpt.best_metric_key": "", "algo.kl.target": None, "algo.kl.init_coef": 0.0,
-    "algo.kl.horizon": 10000, "bai.on_collapse": "save", "bai.baseline_steps": 3, "bai.patience": 2,
+    "algo.kl.horizon": 10000, "algo.advantage.estimator": "reinforce", "algo.dynamic_filtering_enable": False,
+    "eval.steps": float("inf"), "train.num_episodes": 1, "rollout.batch_size": 1, "rollout.n_samples_per_prompt": 1,
+    "rollout.vllm_generate_batch_size": 1, "vllm.enable_sleep": False,
+    "bai.on_collapse": "save", "bai.baseline_steps": 3, "bai.patience": 2,
 }))
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 trainer = object.__new__(BasePPOTrainer)
