@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BAIRecipe": "openrlhf_bai.recipe",
     "merge": "openrlhf_bai.merger",
+    "install_hooks": "openrlhf_bai.integration.hooks",
+    "ray_runtime_env": "openrlhf_bai.integration.hooks",
+    "register_callback": "openrlhf_bai.integration.hooks",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

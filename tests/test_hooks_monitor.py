@@ -338,6 +338,16 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
     assert set(tb["train/bai/length_collapse"].values()) == {0.0} and set(tb["train/bai/hockey_stick"].values()) == {0.0}
     assert healthy["saves"] == []
 
+    # The stop asked for in that worker reaches a rollout generator in another process (the async generator actor's
+    # case), here the driver: it reports itself exhausted; the healthy run's generator does not.
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+
+    hooks.install_hooks()
+    for run_name, expected in (("collapsing", ([], None, 0, True)), ("healthy", (["rollout"], None, 0, True))):
+        generator = SamplesGenerator(SimpleNamespace(args=openrlhf_args(tmp_path, run_name)), None, None, None, None)
+        generator._dataloader_iter, generator._sample_buffer = None, ["rollout"]
+        assert generator.generate_samples() == expected
+
     # args.bai (a patched parser) wins over the runtime_env: save, with patience 2, and each detection saves once.
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "saving"))
     steps = sorted({first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"])})

@@ -87,6 +87,27 @@ def test_actor_init_none_changes_nothing(llama_family, capsys):
     assert (sorted(cache.iterdir()) if cache.exists() else []) == before
 
 
+def test_init_actor_on_openrlhfs_hierarchized_args(llama_family, tmp_path):
+    """The path a patched OpenRLHF parser takes: add_bai_arguments on its parser, hierarchize, init_actor."""
+    import argparse
+
+    from openrlhf.utils.config import hierarchize
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--actor.model_name_or_path")
+    parser.add_argument("--critic.model_name_or_path")
+    launcher.add_bai_arguments(parser)
+    sft = str(llama_family["sft_reasoning"])
+    args = hierarchize(parser.parse_args([
+        "--actor.model_name_or_path", sft, "--critic.model_name_or_path", sft, "--actor.init", "bai",
+        "--bai.base", str(llama_family["base"]), "--bai.output_dir", str(tmp_path / "m"), "--bai.patience", "4",
+    ]))
+    launcher.init_actor(args)
+    assert args.actor.model_name_or_path == args.critic.model_name_or_path == str(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / PROVENANCE).read_text())["recipe"]["sft"] == [sft]
+    assert args.bai.patience == 4 and args.bai.on_collapse == "warn"  # what the monitor reads from trainer.args.bai
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--actor_init", "bai", "--actor.model_name_or_path", "m"], "needs --bai.base"),
     (["--bai.base", "b", "--bai.sft", "s"], "--bai.base --bai.sft given without --actor_init bai"),

@@ -37,11 +37,15 @@ CRITIC_FLAGS = ("--critic.model_name_or_path", "--critic_pretrain")
 RECIPE_FLAGS = ("base", "sft", "sft_weights", "output_dir")  # meaningless without --actor_init bai
 
 
-def add_bai_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --actor_init (alias --actor.init, dest "actor.init") and every --bai.* option (dests "bai.<name>")."""
+def add_bai_arguments(parser, actor_init: bool = True) -> None:
+    """Add every --bai.* option (dests "bai.<name>") and, unless the parser has its own (a patched OpenRLHF),
+    --actor_init (alias --actor.init, dest "actor.init")."""
     th = Thresholds()
-    parser.add_argument("--actor_init", "--actor.init", dest="actor.init", choices=("none", "bai"), default="none",
-                        help="bai: initialize the actor with the BAI merge of --bai.base and --bai.sft (default none)")
+    if actor_init:
+        parser.add_argument("--actor_init", "--actor.init", dest="actor.init", choices=("none", "bai"),
+                            default="none",
+                            help="bai: initialize the actor with the BAI merge of --bai.base and --bai.sft "
+                                 "(default none)")
     parser.add_argument("--bai.base", default=None, metavar="PATH",
                         help="pretrained base model: local directory or hub id")
     parser.add_argument("--bai.sft", nargs="+", default=None, metavar="PATH",
@@ -61,7 +65,8 @@ def add_bai_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shared (default): merge once on the driver, into a path every node can read; "
                              "per_node: merge on every alive Ray node into the same local path, checked by recipe hash")
     parser.add_argument("--bai.merge_only", action="store_true",
-                        help="merge, print the OpenRLHF command as the last line of stdout, exit")
+                        help="merge, print the OpenRLHF command (launcher) or the merged checkpoint (OpenRLHF's own "
+                             "--actor_init) as the last line of stdout, exit")
     parser.add_argument("--bai.stability", choices=("on", "off"), default="on",
                         help="the stability monitor in the trainer (default on)")
     parser.add_argument("--bai.on_collapse", choices=ON_COLLAPSE, default="warn",

@@ -8,8 +8,9 @@ rollout/response_length_mean and rollout/reward_mean into bai/* metrics, which a
 When a detector fires: a warning through OpenRLHF's logger, then per --bai.on_collapse nothing more (warn),
 an OpenRLHF checkpoint at that step (save), or that checkpoint and the end of training (stop).
 
-Settings: trainer.args.bai when OpenRLHF's parser holds the --bai.* flags, else the JSON object in
-$OPENRLHF_BAI_MONITOR (the launcher puts it in the Ray runtime_env); a missing key takes its default.
+Settings: the JSON object in $OPENRLHF_BAI_MONITOR (the launcher and --actor_init bai put it in the Ray runtime_env,
+from the user's flags), else trainer.args.bai when a patched OpenRLHF parser holds the --bai.* flags; a missing
+key takes its default.
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
     run = trainer.__dict__.get("_bai_monitor")
     if run is None:  # this trainer's first step, or the first after a resume
         args = trainer.args
-        if hasattr(args, "bai"):
-            given = monitor_config(args.bai)
-        else:
+        if CONFIG_ENV in os.environ:  # set from the user's flags by whoever started Ray (launcher or --actor_init)
             try:
-                given = json.loads(os.environ.get(CONFIG_ENV) or "{}")
+                given = json.loads(os.environ[CONFIG_ENV])
             except json.JSONDecodeError:
                 given = None
             if not isinstance(given, dict):
                 raise BAIError(f"${CONFIG_ENV} must hold a JSON object, got {os.environ[CONFIG_ENV]!r}")
+        else:  # a patched OpenRLHF parser holds the flags itself (or the defaults)
+            given = monitor_config(args.bai) if hasattr(args, "bai") else {}
         config = {**DEFAULTS, **given}
         check_config(config)
         resumed = getattr(trainer, "bai_resumed_states", {}).get(STATE_KEY)

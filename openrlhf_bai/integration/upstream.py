@@ -34,22 +34,16 @@ def actor_init(args) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The --bai.* flags, in a group of their own; OpenRLHF's parser has its own --actor_init."""
-    # launcher.add_bai_arguments also adds the launcher's --actor_init (choices none, bai), which would clash with
-    # OpenRLHF's, whose choices are every installed initializer: only its --bai.* actions are taken over.
-    flags = argparse.ArgumentParser(add_help=False)
-    add_bai_arguments(flags)
-    group = parser.add_argument_group("openrlhf-bai (--actor_init bai, stability monitor)")
-    for action in flags._actions:
-        if action.dest.startswith("bai."):
-            group._add_action(action)
+    add_bai_arguments(parser.add_argument_group("openrlhf-bai (--actor_init bai, stability monitor)"), actor_init=False)
 
 
 actor_init.add_arguments = add_arguments
 
 
 def trainer_callback(trainer, global_step: int, logs_dict: dict, client_states: dict) -> None:
-    """OpenRLHF's trainer-callback hook point: the first call in a process installs the trainer hooks and runs
-    their callbacks for this step; from the next step on the hooks' own wrapper runs them (save and stop included)."""
+    """OpenRLHF's trainer-callback hook point. Where Ray was started without the plugin's worker setup hook (a run
+    without --actor_init bai), the first call in the trainer's process installs the trainer hooks and runs their
+    callbacks for this step; from the next step on the hooks' wrapper runs them, checkpoint requests included."""
     if getattr(type(trainer).save_logs_and_checkpoints, "_openrlhf_bai", False):
         return  # installed already (an earlier step, or the worker setup hook): the wrapper ran them for this step
     hooks.install_hooks()
