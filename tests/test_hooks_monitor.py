@@ -277,10 +277,16 @@ def drive_in_worker(root, run_name, rows, bai=None):
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 
     args = openrlhf_args(root, run_name)
-    if bai is not None:  # an OpenRLHF parser holding the --bai.* flags
+    saved_env = os.environ.get(CONFIG_ENV)
+    if bai is not None:  # a patched OpenRLHF parser holding the --bai.* flags, in a job started without the variable
         args.bai = SimpleNamespace(**bai)
+        os.environ.pop(CONFIG_ENV, None)
     group = RecordingActorGroup()
-    added = drive(make_trainer(args, actor_group=group), rows)
+    try:
+        added = drive(make_trainer(args, actor_group=group), rows)
+    finally:
+        if saved_env is not None:
+            os.environ[CONFIG_ENV] = saved_env
     return {
         "deepspeed_before": deepspeed_before,
         "wrapped": getattr(BasePPOTrainer.save_logs_and_checkpoints, "_openrlhf_bai", False),
@@ -348,7 +354,7 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
         generator._dataloader_iter, generator._sample_buffer = None, ["rollout"]
         assert generator.generate_samples() == expected
 
-    # args.bai (a patched parser) wins over the runtime_env: save, with patience 2, and each detection saves once.
+    # Without the variable, args.bai (a patched parser) is read: save, with patience 2, each detection saves once.
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "saving"))
     steps = sorted({first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"])})
     assert [tag for tag, _ in saving["saves"]] == [f"global_step{s}" for s in steps]
