@@ -46,7 +46,11 @@ def load_prompts(path, input_key: str, tokenizer, apply_chat_template: bool, inp
     from openrlhf_bai.integration.flash_attn_cpu import make_flash_attn_importable
 
     make_flash_attn_importable()
-    from openrlhf.datasets.prompts_dataset import preprocess_data
+    try:
+        from openrlhf.datasets.prompts_dataset import preprocess_data
+    except ImportError as e:
+        raise BAIError(f"probe reads prompts with OpenRLHF's own code, which is not importable ({e}); "
+                       "pip install 'openrlhf-bai[openrlhf]'")
 
     path = Path(path)
     if not path.is_file():

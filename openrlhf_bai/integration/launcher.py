@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import runpy
@@ -228,6 +229,8 @@ def run(argv: list[str]) -> int:
         print(" ".join(map(shell_quote, command)))
         return 0
 
+    if importlib.util.find_spec("openrlhf") is None:
+        raise BAIError("OpenRLHF is not installed: pip install 'openrlhf-bai[openrlhf]' (--bai.merge_only works without it)")
     from openrlhf_bai.integration.flash_attn_cpu import make_flash_attn_importable
 
     make_flash_attn_importable()
