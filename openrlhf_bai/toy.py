@@ -116,9 +116,8 @@ def write_family(
     """A pretrained base and two SFT models of it (instruct, reasoning) sharing one tokenizer."""
     root = Path(root)
     tok_dir = root / "tokenizer"
-    vocab = write_tokenizer(tok_dir) if size == "tiny" else None
-    if vocab is None:  # the benchmark's vocabulary is fixed by its spec; the tokenizer is still real
-        write_tokenizer(tok_dir)
+    vocab = write_tokenizer(tok_dir)
+    if size == "bench":  # the benchmark's spec fixes the vocabulary; the small tokenizer stays real
         vocab = 32000
     config = model_config(arch, vocab, tied=tied, size=size)
     paths = {}

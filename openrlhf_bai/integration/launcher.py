@@ -102,7 +102,6 @@ def init_actor(args) -> None:
         raise BAIError("--actor_init bai needs --bai.sft or an actor path (taken as the one SFT model)")
     recipe = BAIRecipe(base=bai.base, sft=tuple(sft), alpha=bai.alpha, dtype=bai.dtype,
                        sft_weights=tuple(bai.sft_weights) if bai.sft_weights else None)
-    recipe.validate()
     merged = str(materialize(recipe, bai))
     args.actor.model_name_or_path = merged
     critic = getattr(args, "critic", None)
