@@ -54,6 +54,8 @@ def new_state() -> dict:
         "steps": 0,
         "length": track(detected_step=None, min_ratio=None),
         "reward": track(drop_step=None, depth=0.0, recovery_steps=None),
+        # What fired, in order: {"detector", "step", "message", "values", "alarm"}; the monitor acts on new entries.
+        "events": [],
     }
 
 
@@ -73,9 +75,14 @@ def _smooth(track: dict, value: float, th: Thresholds) -> bool:
     return True
 
 
+def _event(state: dict, detector: str, step: int, message: str, values: dict, alarm: bool = True) -> None:
+    state["events"].append({"detector": detector, "step": step, "message": message, "values": values, "alarm": alarm})
+
+
 def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds = Thresholds()) -> dict:
     """Update `state` with one logged step; return that step's bai/* diagnostics (only the ones defined yet)."""
     state["steps"] += 1
+    state.setdefault("events", [])
     out: dict[str, float] = {}
 
     length = state["length"]
@@ -86,6 +93,10 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
         length["run"] = length["run"] + 1 if ratio < th.collapse_ratio else 0
         if length["run"] >= th.patience and length["detected_step"] is None:
             length["detected_step"] = step
+            _event(state, "length_collapse", step,
+                   f"sequence length collapse: smoothed response length at {ratio:.0%} of its baseline "
+                   f"({length['base_mean']:.0f} tokens) for {th.patience} steps (--bai.collapse_ratio {th.collapse_ratio:g})",
+                   {"response_length_ratio": ratio, "baseline_length": length["base_mean"]})
         out["bai/response_length_ratio"] = ratio
         out["bai/length_collapse"] = float(length["run"] >= th.patience)
     if length["detected_step"] is not None:
@@ -101,10 +112,17 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
         if reward["drop_step"] is None:
             if reward["run"] >= th.patience:
                 reward["drop_step"] = step
+                _event(state, "hockey_stick", step,
+                       f"reward hockey stick: smoothed reward {drawdown:.1f} baseline spreads below its baseline "
+                       f"{reward['base_mean']:.4g} for {th.patience} steps (--bai.hockey_drawdown {th.hockey_drawdown:g})",
+                       {"reward_drawdown": drawdown, "baseline_reward": reward["base_mean"]})
         if reward["drop_step"] is not None:
             reward["depth"] = max(reward["depth"], drawdown)
             if reward["recovery_steps"] is None and drawdown <= 0:
                 reward["recovery_steps"] = step - reward["drop_step"]
+                _event(state, "reward_recovered", step,
+                       f"reward back at its baseline {reward['recovery_steps']} steps after the drop",
+                       {"recovery_steps": reward["recovery_steps"]}, alarm=False)
         out["bai/reward_drawdown"] = drawdown
         out["bai/hockey_stick"] = float(reward["run"] >= th.patience)
     if reward["recovery_steps"] is not None:

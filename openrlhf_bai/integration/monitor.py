@@ -87,8 +87,7 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
         return
 
     state, th = run["state"], run["thresholds"]
-    length, reward = state["length"], state["reward"]
-    before = (length["detected_step"], reward["drop_step"], reward["recovery_steps"])
+    seen = len(state.get("events", ()))  # a state saved by 0.1 has no events yet
     diagnostics = observe(state, global_step, logs_dict, th)
     logs_dict.update(diagnostics)
     client_states[STATE_KEY] = copy.deepcopy(state)
@@ -103,23 +102,11 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
         f.write(json.dumps(row) + "\n")
 
     fired = []
-    if before[0] is None and length["detected_step"] is not None:
-        fired.append(
-            f"sequence length collapse: smoothed response length at {diagnostics['bai/response_length_ratio']:.0%} "
-            f"of its baseline ({length['base_mean']:.0f} tokens) for {th.patience} steps "
-            f"(--bai.collapse_ratio {th.collapse_ratio:g})"
-        )
-    if before[1] is None and reward["drop_step"] is not None:
-        fired.append(
-            f"reward hockey stick: smoothed reward {diagnostics['bai/reward_drawdown']:.1f} baseline spreads below "
-            f"its baseline {reward['base_mean']:.4g} for {th.patience} steps "
-            f"(--bai.hockey_drawdown {th.hockey_drawdown:g})"
-        )
-    if before[2] is None and reward["recovery_steps"] is not None:
-        logger.info(
-            f"[openrlhf-bai] step {global_step}: reward back at its baseline "
-            f"{reward['recovery_steps']} steps after the drop"
-        )
+    for event in state["events"][seen:]:
+        if event["alarm"]:
+            fired.append(event["message"])
+        else:
+            logger.info(f"[openrlhf-bai] step {global_step}: {event['message']}")
     if not fired or run.get("stopping"):
         return
     action = run["config"]["on_collapse"]
