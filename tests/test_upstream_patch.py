@@ -119,7 +119,7 @@ args = hierarchize(argparse.Namespace(**{
     "algo.kl.horizon": 10000, "algo.advantage.estimator": "reinforce", "algo.dynamic_filtering_enable": False,
     "eval.steps": float("inf"), "train.num_episodes": 1, "rollout.batch_size": 1, "rollout.n_samples_per_prompt": 1,
     "rollout.vllm_generate_batch_size": 1, "vllm.enable_sleep": False,
-    "bai.baseline_steps": 3, "bai.patience": 2,
+    "bai.reference_steps": 50, "bai.patience": 2,
 }))
 trainer = object.__new__(BasePPOTrainer)
 BasePPOTrainer.__init__(trainer, SimpleNamespace(args=args), None, None, None, None, None, None)

@@ -1,6 +1,6 @@
 """`openrlhf-bai diagnose RUN [RUN ...]`: did a run suffer Sequence Length Collapse or a Reward Hockey Stick?
 
-Each RUN (an OpenRLHF stdout log, a TensorBoard directory, a wandb CSV export or the plugin's JSONL) is read
+Each RUN (OpenRLHF, verl or TRL console logs, trainer_state.json, TensorBoard, CSV or JSONL) is read
 into (step, metrics) rows and fed to the same detectors the live stability monitor runs
 (`openrlhf_bai.diagnostics.detectors.analyze`). Exit status 0, or 3 when a phenomenon named in --fail-on is
 found in any RUN, so a scheduler or CI can gate on it.
@@ -13,74 +13,90 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
-from openrlhf_bai.diagnostics.detectors import LENGTH_KEYS, REWARD_KEYS, Thresholds, analyze, first_value
+from openrlhf_bai.diagnostics.detectors import HELP, SIGNAL_KEYS, Thresholds, analyze, first_value, make_thresholds
 from openrlhf_bai.diagnostics.readers import KINDS, read_rows
 from openrlhf_bai.errors import BAIError
 
 FOUND_EXIT_STATUS = 3
-PHENOMENA = {"collapse": "length_collapse", "hockey": "hockey_stick"}
-# metric: (names it is logged under, the phenomenon judged from it)
-METRICS = {"response_length": (LENGTH_KEYS, "length collapse"), "reward": (REWARD_KEYS, "hockey stick")}
+PHENOMENA = {"collapse": "length_collapse", "hockey": "hockey_stick", "entropy": "entropy_collapse",
+             "kl": "kl_blowup"}
+# signal: the phenomenon judged from it; a run without length or reward gets a warning, most runs log no entropy.
+WARN_IF_MISSING = {"length": "length collapse", "reward": "hockey stick"}
 
 
 def parse_args(argv):
     default = Thresholds()
     parser = argparse.ArgumentParser(
         prog="openrlhf-bai diagnose",
-        description="Find Sequence Length Collapse and Reward Hockey Sticks in OpenRLHF training runs.",
+        description="Find Sequence Length Collapse, Reward Hockey Sticks, entropy collapse and KL blow-ups in RL "
+                    "training logs of OpenRLHF, verl and TRL.",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="stdout log, TensorBoard directory, wandb CSV export or the plugin's JSONL")
+                        help="OpenRLHF / verl / TRL console log, trainer_state.json, TensorBoard directory, "
+                             "or a CSV / JSONL file with a step column")
     parser.add_argument("--kind", choices=KINDS, help="read every RUN as this kind instead of detecting it")
     parser.add_argument("--json", metavar="FILE",
                         help="write the verdicts as JSON (a list when there are several RUNs)")
-    parser.add_argument("--plot", metavar="FILE.png", help="write length and reward of all RUNs in one PNG")
-    parser.add_argument("--fail-on", default="", metavar="collapse,hockey",
+    parser.add_argument("--plot", metavar="FILE.png", help="write every signal of all RUNs in one PNG")
+    parser.add_argument("--fail-on", default="", metavar=",".join(PHENOMENA),
                         help=f"exit {FOUND_EXIT_STATUS} when one of these is found in any RUN")
-    parser.add_argument("--baseline-steps", type=int, default=default.baseline_steps,
-                        help="first steps averaged into the baseline (default %(default)s)")
-    parser.add_argument("--smoothing", type=float, default=default.smoothing,
-                        help="EMA weight of the newest step, 1 = none (default %(default)s)")
-    parser.add_argument("--collapse-ratio", type=float, default=default.collapse_ratio,
-                        help="smoothed length / baseline below this is collapsed (default %(default)s)")
-    parser.add_argument("--hockey-drawdown", type=float, default=default.hockey_drawdown,
-                        help="baseline spreads the smoothed reward must fall (default %(default)s)")
-    parser.add_argument("--patience", type=int, default=default.patience,
-                        help="steps a condition must hold before it is raised (default %(default)s)")
+    parser.add_argument("--step-key", metavar="NAME", help="the step column of a CSV / JSONL file")
+    for signal in SIGNAL_KEYS:
+        if signal != "truncated":
+            parser.add_argument(f"--{signal}-key", metavar="NAME",
+                                help=f"the metric holding the {signal}, where it is not a known name")
+    parser.add_argument("--logging-steps", type=int, default=1, metavar="K",
+                        help="TRL console logs: the n-th logged dict is step n x K (default 1)")
+    for name, value in asdict(default).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                            help=f"{HELP[name]} (default %(default)s)")
     args = parser.parse_args(argv)
     args.fail_on = [name.strip() for name in args.fail_on.split(",") if name.strip()]
     unknown = [name for name in args.fail_on if name not in PHENOMENA]
     if unknown:
         parser.error(f"--fail-on: unknown {', '.join(unknown)}; choose from {', '.join(PHENOMENA)}")
-    if args.baseline_steps < 1 or args.patience < 1 or not 0 < args.smoothing <= 1:
-        parser.error("--baseline-steps and --patience must be >= 1, --smoothing in (0, 1]")
+    if args.logging_steps < 1:
+        parser.error("--logging-steps must be >= 1")
+    try:
+        args.thresholds = make_thresholds({name: getattr(args, name) for name in asdict(default)}, flag_prefix="--")
+    except BAIError as e:
+        parser.error(str(e))
     for output in (args.json, args.plot):
         if output and not Path(output).resolve().parent.is_dir():
             parser.error(f"{output}: its directory does not exist")
     return args
 
 
-def diagnose_run(run: str, kind: str | None, th: Thresholds) -> dict:
+def diagnose_run(run: str, args) -> dict:
     """Verdict of one RUN plus what the table, JSON and plot need."""
-    kind, rows = read_rows(run, kind)
+    kind, rows = read_rows(run, args.kind, step_key=args.step_key, logging_steps=args.logging_steps)
+    renamed = {signal: getattr(args, f"{signal}_key", None) for signal in SIGNAL_KEYS}
+    for _, metrics in rows:  # a metric named by --<signal>-key is read as that signal's first known name
+        for signal, key in renamed.items():
+            if key and key in metrics:
+                metrics[SIGNAL_KEYS[signal][0]] = metrics[key]
     missing_steps = {
-        name: sum(first_value(metrics, keys) is None for _, metrics in rows) for name, (keys, _) in METRICS.items()
+        signal: sum(first_value(metrics, keys) is None for _, metrics in rows) for signal, keys in SIGNAL_KEYS.items()
     }
-    if all(count == len(rows) for count in missing_steps.values()):
-        looked_for = ", ".join(LENGTH_KEYS + REWARD_KEYS)
-        raise BAIError(f"{run}: {len(rows)} steps but no response length or reward in any (looked for {looked_for})")
-    for name, count in missing_steps.items():
-        keys, phenomenon = METRICS[name]
+    if all(missing_steps[signal] == len(rows) for signal in ("length", "reward", "entropy", "kl")):
+        looked_for = ", ".join(SIGNAL_KEYS["length"] + SIGNAL_KEYS["reward"])
+        raise BAIError(f"{run}: {len(rows)} steps but no response length, reward, entropy or KL in any (looked for "
+                       f"{looked_for}, ...; name yours with --length-key / --reward-key)")
+    for signal, phenomenon in WARN_IF_MISSING.items():
+        count = missing_steps[signal]
         if count == len(rows):
-            print(f"openrlhf-bai: warning: {run}: no {name} metric (looked for {', '.join(keys)}); "
+            print(f"openrlhf-bai: warning: {run}: no {signal} metric (looked for {', '.join(SIGNAL_KEYS[signal])}); "
                   f"{phenomenon} not assessed", file=sys.stderr)
         elif count:
-            print(f"openrlhf-bai: warning: {run}: {name} missing at {count} of {len(rows)} steps; read the rest",
+            print(f"openrlhf-bai: warning: {run}: {signal} missing at {count} of {len(rows)} steps; read the rest",
                   file=sys.stderr)
-    verdict, per_step = analyze(rows, th)
-    verdict.update(source=str(run), kind=kind, missing_steps=missing_steps)
+    verdict, per_step = analyze(rows, args.thresholds)
+    # Older names: response_length and reward were the two signals of 0.1's JSON.
+    verdict.update(source=str(run), kind=kind,
+                   missing_steps={("response_length" if k == "length" else k): v for k, v in missing_steps.items()})
     return {"label": Path(run).name or str(run), "rows": rows, "verdict": verdict, "per_step": per_step}
 
 
@@ -89,26 +105,45 @@ def _number(value, fmt: str) -> str:
 
 
 def verdict_table(verdicts: list[dict]) -> str:
-    header = ("run", "steps", "baseline length", "baseline reward", "length collapse", "reward hockey stick")
+    header = ("run", "steps", "ref length", "ref reward", "length collapse", "reward hockey stick",
+              "entropy collapse", "KL blow-up")
     lines = []
     for v in verdicts:
-        collapse, hockey, missing = v["length_collapse"], v["hockey_stick"], v["missing_steps"]
+        missing = v["missing_steps"]
+        collapse, drop = v["length_collapse"], v["truncation_drop"]
         if missing["response_length"] == v["steps"]:
             collapse_text = "not assessed (no length)"
         elif collapse["detected"]:
             collapse_text = f"YES at step {collapse['step']} (lowest ratio {collapse['min_ratio']:.2f})"
+        elif drop["detected"]:
+            collapse_text = (f"no: truncation-cap drop at step {drop['step']} (truncated "
+                             f"{drop['truncated_rate_before']:.0%} -> {drop['truncated_rate_after']:.0%})")
         else:
             collapse_text = f"no (lowest ratio {_number(collapse['min_ratio'], '.2f')})"
+        hockey = v["hockey_stick"]
         if missing["reward"] == v["steps"]:
             hockey_text = "not assessed (no reward)"
         elif hockey["detected"]:
             recovery = hockey["recovery_steps"]
             recovered = "not recovered" if recovery is None else f"recovered after {recovery} steps"
-            hockey_text = f"YES drop at step {hockey['drop_step']}, depth {hockey['depth']:.1f} spreads, {recovered}"
+            hockey_text = f"YES drop at step {hockey['drop_step']}, depth {hockey['depth']:.1f} noise units, {recovered}"
         else:
             hockey_text = "no"
+        entropy, kl = v["entropy_collapse"], v["kl_blowup"]
+        if missing["entropy"] == v["steps"]:
+            entropy_text = "not assessed"
+        elif entropy["detected"]:
+            entropy_text = f"YES at step {entropy['step']} (lowest ratio {entropy['min_ratio']:.2f})"
+        else:
+            entropy_text = f"no (lowest ratio {_number(entropy['min_ratio'], '.2f')})"
+        if missing["kl"] == v["steps"]:
+            kl_text = "not assessed"
+        elif kl["detected"]:
+            kl_text = f"YES at step {kl['step']} (highest ratio {kl['max_ratio']:.1f})"
+        else:
+            kl_text = f"no (highest ratio {_number(kl['max_ratio'], '.1f')})"
         lines.append((v["source"], str(v["steps"]), _number(v["baseline_length"], ".1f"),
-                      _number(v["baseline_reward"], ".4g"), collapse_text, hockey_text))
+                      _number(v["baseline_reward"], ".4g"), collapse_text, hockey_text, entropy_text, kl_text))
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                      for row in [header, *lines])
@@ -130,9 +165,7 @@ def write_json(path: str, payload) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    th = Thresholds(baseline_steps=args.baseline_steps, smoothing=args.smoothing, collapse_ratio=args.collapse_ratio,
-                    hockey_drawdown=args.hockey_drawdown, patience=args.patience)
-    runs = [diagnose_run(run, args.kind, th) for run in args.runs]
+    runs = [diagnose_run(run, args) for run in args.runs]
     verdicts = [run["verdict"] for run in runs]
     if len({run["label"] for run in runs}) < len(runs):  # e.g. bai/tensorboard and no-bai/tensorboard
         for run in runs:
@@ -144,7 +177,7 @@ def main(argv=None) -> int:
     if args.plot:
         from openrlhf_bai.diagnostics.plot import plot_runs
 
-        plot_runs(args.plot, runs, th)
+        plot_runs(args.plot, runs, args.thresholds)
 
     found = [name for name in args.fail_on if any(v[PHENOMENA[name]]["detected"] for v in verdicts)]
     return FOUND_EXIT_STATUS if found else 0

@@ -1,9 +1,9 @@
-"""The `diagnose --plot` figure: response length and reward of one or more runs, as in the paper's Figures 2-3.
+"""The `diagnose --plot` figure: what the detectors saw, for one run or several of any scale.
 
-Top panel: response length (thin: as logged, thick: smoothed as the detector sees it), its baseline (dashed)
-and the collapse threshold (dotted). Bottom panel: reward as logged and, on the right axis, its drawdown in
-baseline spreads with the hockey-stick threshold. Shaded: steps flagged as collapsed (top) and the hockey
-stick from its drop to its recovery (bottom). Each run has one colour.
+One panel per signal any run logged, each run as the detector's own scale-free view of it, so runs of different
+lengths, reward models and frameworks share an axis: response length / its reference, reward drawdown in noise
+units, entropy / its reference, KL / its reference. The threshold is a dotted line, each detection a marker at
+its step (and the collapsed or dropped span shaded). One colour per run; legends sit outside the axes.
 """
 
 from __future__ import annotations
@@ -12,103 +12,72 @@ import os
 import tempfile
 from pathlib import Path
 
-from openrlhf_bai.diagnostics.detectors import LENGTH_KEYS, REWARD_KEYS, Thresholds, first_value
+from openrlhf_bai.diagnostics.detectors import Thresholds
 
-
-def _spans(steps_flags: list[tuple[int, bool]]) -> list[tuple[int, int]]:
-    """Contiguous (first, last) step ranges where the flag is set."""
-    spans: list[list[int]] = []
-    previous_flag = False
-    for step, flag in steps_flags:
-        if flag and previous_flag:
-            spans[-1][1] = step
-        elif flag:
-            spans.append([step, step])
-        previous_flag = flag
-    return [(first, last) for first, last in spans]
-
-
-def _series(rows, keys) -> tuple[list[int], list[float]]:
-    points = [(step, first_value(metrics, keys)) for step, metrics in rows]
-    points = [(step, value) for step, value in points if value is not None]
-    return [step for step, _ in points], [value for _, value in points]
+# (per-step metric, verdict key, where the detection step is, panel title, y label, threshold from Thresholds)
+PANELS = (
+    ("bai/response_length_ratio", "length_collapse", "step", "Response length", "smoothed length / reference",
+     lambda th: th.collapse_ratio),
+    ("bai/reward_drawdown", "hockey_stick", "drop_step", "Reward", "drawdown below reference (noise units)",
+     lambda th: th.hockey_drawdown),
+    ("bai/entropy_ratio", "entropy_collapse", "step", "Policy entropy", "smoothed entropy / reference",
+     lambda th: th.entropy_ratio),
+    ("bai/kl_ratio", "kl_blowup", "step", "KL", "smoothed KL / reference", lambda th: th.kl_factor),
+)
 
 
 def plot_runs(path: str | Path, runs: list[dict], th: Thresholds) -> None:
-    """Write the PNG; each run is a dict with label, rows, verdict and per_step (from detectors.analyze)."""
+    """Write the PNG; each run is a dict with label, verdict and per_step (from detectors.analyze)."""
     # No pyplot: a bare Figure on the Agg canvas needs no display and leaves no global state behind.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(10, 7.5), layout="constrained")
+    panels = [panel for panel in PANELS if any(panel[0] in p for run in runs for p in run["per_step"])]
+    panels = panels or list(PANELS[:2])
+    fig = Figure(figsize=(11, 2.6 * len(panels) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_length, ax_reward = fig.subplots(2, 1, sharex=True)
-    ax_drawdown = ax_reward.twinx()
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     colors = [f"C{i % 10}" for i in range(len(runs))]
 
-    for run, color in zip(runs, colors):
-        verdict, per_step = run["verdict"], run["per_step"]
-        last_step = run["rows"][-1][0]
-
-        steps, lengths = _series(run["rows"], LENGTH_KEYS)
-        ax_length.plot(steps, lengths, color=color, lw=0.8, alpha=0.45)
-        baseline = verdict["baseline_length"]
-        if baseline is not None:
-            smoothed = [(p["step"], p["bai/response_length_ratio"] * baseline) for p in per_step
-                        if "bai/response_length_ratio" in p]
-            ax_length.plot([s for s, _ in smoothed], [v for _, v in smoothed], color=color, lw=2, label=run["label"])
-            ax_length.axhline(baseline, color=color, ls="--", lw=0.9)
-            ax_length.axhline(th.collapse_ratio * baseline, color=color, ls=":", lw=1.2)
-        for first, last in _spans([(p["step"], p.get("bai/length_collapse") == 1.0) for p in per_step]):
-            ax_length.axvspan(first, last, color=color, alpha=0.15, lw=0)
-
-        steps, rewards = _series(run["rows"], REWARD_KEYS)
-        ax_reward.plot(steps, rewards, color=color, lw=1.4, label=run["label"])
-        drawdown = [(p["step"], p["bai/reward_drawdown"]) for p in per_step if "bai/reward_drawdown" in p]
-        ax_drawdown.plot([s for s, _ in drawdown], [v for _, v in drawdown], color=color, ls="--", lw=0.9)
-        hockey = verdict["hockey_stick"]
-        if hockey["detected"]:
-            end = last_step if hockey["recovery_steps"] is None else hockey["drop_step"] + hockey["recovery_steps"]
-            ax_reward.axvspan(hockey["drop_step"], end, color=color, alpha=0.15, lw=0, hatch="//")
-
-    ax_drawdown.axhline(th.hockey_drawdown, color="grey", ls=":", lw=1.2)
-    ax_drawdown.set_ylabel("reward drawdown (baseline spreads)")
-    ax_length.set_title("Response length")
-    ax_length.set_ylabel("mean response length (tokens)")
-    ax_reward.set_title("Reward")
-    ax_reward.set_ylabel("mean reward")
-    ax_reward.set_xlabel("global step")
+    for ax, (metric, key, step_key, title, ylabel, threshold) in zip(axes, panels):
+        for run, color in zip(runs, colors):
+            points = [(p["step"], p[metric]) for p in run["per_step"] if metric in p]
+            if not points:
+                continue
+            ax.plot([s for s, _ in points], [v for _, v in points], color=color, lw=1.6, label=run["label"])
+            found = run["verdict"][key]
+            if found["detected"]:
+                step = found[step_key]
+                value = dict(points).get(step)
+                ax.axvline(step, color=color, lw=0.8, ls="--", alpha=0.7)
+                if value is not None:
+                    ax.plot([step], [value], marker="X", ms=11, color=color, mec="black", ls="none")
+            if key == "length_collapse" and run["verdict"]["truncation_drop"]["detected"]:
+                step = run["verdict"]["truncation_drop"]["step"]
+                ax.axvline(step, color=color, lw=0.8, ls="-.", alpha=0.7)
+        ax.axhline(threshold(th), color="grey", ls=":", lw=1.2)
+        ax.set_title(title, loc="left", fontsize="medium")
+        ax.set_ylabel(ylabel, fontsize="small")
+        if metric == "bai/kl_ratio":
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0)
+    axes[-1].set_xlabel("global step")
 
     grey = "dimgrey"
-    ax_length.legend(
-        handles=ax_length.get_legend_handles_labels()[0]
-        + [
-            Line2D([], [], color=grey, lw=0.8, alpha=0.45, label="as logged"),
-            Line2D([], [], color=grey, ls="--", lw=0.9, label="baseline"),
-            Line2D([], [], color=grey, ls=":", lw=1.2, label=f"collapse threshold ({th.collapse_ratio:g} x baseline)"),
-            Patch(color=grey, alpha=0.25, label="length collapse"),
-        ],
-        fontsize="small",
-    )
-    ax_reward.legend(
-        handles=ax_reward.get_legend_handles_labels()[0]
-        + [
-            Line2D([], [], color=grey, ls="--", lw=0.9, label="drawdown (right axis)"),
-            Line2D([], [], color=grey, ls=":", lw=1.2,
-                   label=f"hockey-stick threshold ({th.hockey_drawdown:g} spreads)"),
-            Patch(facecolor=grey, alpha=0.25, hatch="//", label="hockey stick: drop to recovery"),
-        ],
-        fontsize="small",
-    )
+    handles = [Line2D([], [], color=c, lw=1.6, label=run["label"]) for run, c in zip(runs, colors)] + [
+        Line2D([], [], color=grey, ls=":", lw=1.2, label="threshold"),
+        Line2D([], [], color=grey, marker="X", mec="black", ls="--", lw=0.8, label="detected here"),
+        Line2D([], [], color=grey, ls="-.", lw=0.8, label="length drop from the truncation cap"),
+    ]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
 
     path = Path(path)
     # Written next to the target and renamed, so an interrupted run leaves no half-written PNG.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            fig.savefig(out, format="png", dpi=110)
+            fig.savefig(out, format="png", dpi=100)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -1,21 +1,25 @@
 """Read a finished (or running) training run into (step, metrics) rows for the detectors.
 
-Pure I/O: which kind of file a RUN is, and its per-step metrics. Names are normalised to the ones
-`PPOTrainer.fit` puts in its status dict (`rollout/response_length_mean`, or `response_length` in 0.9/0.10),
-so the detectors' LENGTH_KEYS / REWARD_KEYS fit every kind.
+Pure I/O: which kind of file a RUN is, and its per-step metrics under the names the framework logged them (the
+detectors' *_KEYS know OpenRLHF's, verl's and TRL's names); only a logger's own `train/` prefix is removed.
 
 Kinds:
-- stdout: the driver's output, with the line `PPOTrainer.fit` logs each step through
-  `openrlhf.utils.logging_utils` (behind Ray's `(PPOTrainer pid=...)` prefix):
+- stdout: OpenRLHF's driver output, the line `PPOTrainer.fit` logs each step (behind Ray's `(PPOTrainer pid=...)`):
   `INFO 05-01 12:00:00 ppo_trainer.py:551] ✨ Global step 12: {'rollout/reward_mean': 0.41, ...}`
+- verl: verl's console logger, `step:12 - actor/entropy:0.53 - critic/score/mean:0.41 - ...` (Ray prefixes and
+  colour codes included).
+- trl: the dicts a Hugging Face Trainer (TRL's GRPO/PPO trainers) prints, `{'loss': 0.01, 'reward': 0.41, ...}`.
+  They carry no step: the n-th dict is step n x `logging_steps` (default 1: steps are log points).
+- trainer-state: a Hugging Face Trainer's `trainer_state.json` (`log_history`, each entry with its `step`).
 - tensorboard: a directory written by OpenRLHF's TensorboardLogger (`train/<name>` scalars), or one event file.
-- wandb-csv: a CSV export from wandb: the run's history (`_step`, `train/global_step`, `train/...` columns)
-  or a panel export (`Step`, `<run> - train/...`, `<run> - train/...__MIN`/`__MAX`).
-- jsonl: the plugin's own log, one `{"step": N, "<metric>": value, ...}` object per line.
+- wandb-csv / csv: a wandb CSV export (the run's history: `_step`, `train/global_step`, `train/...`; or a panel:
+  `Step`, `<run> - train/...` with `__MIN`/`__MAX`), or any CSV with a step column.
+- jsonl: the plugin's own log, or any JSON-lines file with a step key.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -25,46 +29,72 @@ from pathlib import Path
 
 from openrlhf_bai.errors import BAIError
 
-KINDS = ("stdout", "tensorboard", "wandb-csv", "jsonl")
+KINDS = ("stdout", "verl", "trl", "trainer-state", "tensorboard", "wandb-csv", "csv", "jsonl")
 EXPECTED = (
-    "an OpenRLHF stdout log with '✨ Global step N: {...}' lines, a TensorBoard event directory, "
-    "a wandb CSV export or the plugin's JSONL"
+    "an OpenRLHF stdout log ('✨ Global step N: {...}'), a verl console log ('step:N - key:value - ...'), "
+    "a TRL/Hugging Face console log ({'loss': ...} lines) or trainer_state.json, a TensorBoard event directory, "
+    "or a CSV / JSONL file with a step column"
 )
 
 STEP_LINE = re.compile(r"Global step (\d+): (\{.*)$")
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+VERL_LINE = re.compile(r"(?:^|[\s)\]])step:(\d+) - (.*)$")
+TRL_LINE = re.compile(r"(\{'[^{}]*\})\s*$")  # a flat Python dict at the end of a line (tqdm.write output)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # 'key': value inside the logged dict. A value may be wrapped (np.float64(0.5), tensor(0.5)); nan/inf are
 # how Python prints non-finite floats. Non-numeric values (strings, lists) are skipped.
-DICT_ITEM = re.compile(
-    r"'([^'\\]+)':\s*(?:[A-Za-z_][\w.]*\()?"
-    r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf))(?![\w.])"
-)
-CSV_STEP_COLUMNS = ("train/global_step", "Step", "_step")  # most exact first
+NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf))"
+# Newer transformers print the Trainer's values as strings ('loss': '-0.007415'): an optional quote around it.
+DICT_ITEM = re.compile(r"'([^'\\]+)':\s*'?(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(?![\w.])")
+VERL_ITEM = re.compile(r"([^\s:][^:]*?):(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"\)?(?: - |\s*$)")
+WANDB_STEP_COLUMNS = ("train/global_step", "Step", "_step")  # most exact first
+STEP_KEYS = WANDB_STEP_COLUMNS + ("step", "global_step", "trainer/global_step", "Step")
 EVENT_FILE_GLOB = "events.out.tfevents.*"
+DETECT_BYTES = 4 << 20  # enough to get past a long start-up before the first logged step
 
 
-def detect_kind(path: Path) -> str:
+def detect_kind(path: Path, step_key: str | None = None) -> str:
     if path.is_dir() or EVENT_FILE_GLOB.rstrip("*") in path.name:
         return "tensorboard"
-    head = _read_text(path, limit=65536)
-    first_line = next((line for line in head.splitlines() if line.strip()), "")
-    if first_line.lstrip().startswith("{"):
+    head = _read_text(path, limit=DETECT_BYTES)
+    first_line = next((line for line in head.splitlines() if line.strip()), "").strip()
+    if first_line.startswith("{") and '"log_history"' in head:
+        return "trainer-state"
+    if first_line.startswith("{\""):
         return "jsonl"
-    if any(column.strip() in CSV_STEP_COLUMNS for column in next(csv.reader([first_line]), [])):
-        return "wandb-csv"
-    return "stdout"  # the stdout reader says so if no step line turns up anywhere in the file
+    clean = ANSI_ESCAPE.sub("", head)
+    if re.search(STEP_LINE.pattern, clean, re.MULTILINE):
+        return "stdout"
+    if re.search(VERL_LINE.pattern, clean, re.MULTILINE):
+        return "verl"
+    if re.search(TRL_LINE.pattern, clean, re.MULTILINE):
+        return "trl"
+    header = [column.strip() for column in next(csv.reader([first_line]), [])]
+    if len(header) > 1:
+        if any(column in WANDB_STEP_COLUMNS for column in header):
+            return "wandb-csv"
+        if any(column in (step_key, *STEP_KEYS) for column in header):
+            return "csv"
+    raise BAIError(f"{path}: not a training log of a known format; expected {EXPECTED}")
 
 
-def read_rows(path: str | Path, kind: str | None = None) -> tuple[str, list[tuple[int, dict[str, float]]]]:
-    """(kind, rows) of one RUN, rows in step order; `kind` forces the format instead of detecting it."""
+def read_rows(path: str | Path, kind: str | None = None, step_key: str | None = None,
+              logging_steps: int = 1) -> tuple[str, list[tuple[int, dict[str, float]]]]:
+    """(kind, rows) of one RUN, rows in step order; `kind` forces the format instead of detecting it. `step_key`
+    names the step column of a CSV / JSONL file; `logging_steps` turns TRL's n-th console dict into a step."""
     path = Path(path)
     if not path.exists():
         raise BAIError(f"{path}: no such file or directory; expected {EXPECTED}")
-    kind = kind or detect_kind(path)
-    reader = {"stdout": _read_stdout, "tensorboard": _read_tensorboard, "wandb-csv": _read_csv, "jsonl": _read_jsonl}
-    if kind not in reader:
+    kind = kind or detect_kind(path, step_key)
+    if kind not in KINDS:
         raise BAIError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    rows = reader[kind](path)
+    if kind in ("csv", "wandb-csv", "jsonl"):
+        rows = (_read_jsonl if kind == "jsonl" else _read_csv)(path, step_key)
+    elif kind == "trl":
+        rows = _read_trl(path, logging_steps)
+    else:
+        reader = {"stdout": _read_stdout, "verl": _read_verl, "trainer-state": _read_trainer_state,
+                  "tensorboard": _read_tensorboard}
+        rows = reader[kind](path)
     if not rows:
         raise BAIError(f"{path}: no training steps found; expected {EXPECTED}")
     return kind, rows
@@ -124,8 +154,9 @@ def _read_stdout(path: Path) -> list:
     return rows
 
 
-def _read_jsonl(path: Path) -> list:
+def _read_jsonl(path: Path, step_key: str | None = None) -> list:
     rows: list = []
+    keys = (step_key,) if step_key else STEP_KEYS
     for lineno, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
@@ -135,27 +166,29 @@ def _read_jsonl(path: Path) -> list:
             raise BAIError(
                 f"{path}:{lineno}: not a JSON object (truncated file?); expected one {{\"step\": N, ...}} per line"
             ) from None
-        step = _number(record.get("step")) if isinstance(record, dict) else None
-        if step is None:
-            raise BAIError(f"{path}:{lineno}: no \"step\" in this line; expected one {{\"step\": N, ...}} per line")
-        metrics = {key: _number(value) for key, value in record.items() if key != "step"}
-        _append(rows, int(step), {key: value for key, value in metrics.items() if value is not None})
+        key = next((k for k in keys if isinstance(record, dict) and k in record), None)
+        step = _number(record[key]) if key else None
+        if step is None or not math.isfinite(step):
+            wanted = " or ".join(f'"{k}"' for k in keys)
+            raise BAIError(f"{path}:{lineno}: no {wanted} in this line; expected one {{\"step\": N, ...}} per line")
+        metrics = {_strip(name): _number(value) for name, value in record.items() if name not in keys}
+        _append(rows, int(step), {name: value for name, value in metrics.items() if value is not None})
     return rows
 
 
-def _read_csv(path: Path) -> list:
+def _read_csv(path: Path, step_key: str | None = None) -> list:
     table = csv.reader(io.StringIO(_read_text(path), newline=""))
     header = [column.strip() for column in next(table)]
-    step_column = next((c for c in CSV_STEP_COLUMNS if c in header), None)
+    keys = (step_key,) if step_key else STEP_KEYS
+    step_column = next((c for c in keys if c in header), None)
     if step_column is None:
-        columns = ", ".join(CSV_STEP_COLUMNS)
-        raise BAIError(f"{path}: no step column; expected a wandb CSV export with one of {columns}")
+        raise BAIError(f"{path}: no step column (looked for {', '.join(keys)}); name it with --step-key")
     step_index = header.index(step_column)
     # Panel exports name a column "<run name> - train/rollout/reward_mean"; its __MIN/__MAX twins are ranges.
     names = {
-        i: column.rsplit(" - ", 1)[-1].removeprefix("train/")
+        i: _strip(column.rsplit(" - ", 1)[-1])
         for i, column in enumerate(header)
-        if column not in CSV_STEP_COLUMNS and not column.endswith(("__MIN", "__MAX"))
+        if i != step_index and column not in STEP_KEYS and not column.endswith(("__MIN", "__MAX"))
     }
     rows: list = []
     for cells in table:
@@ -171,6 +204,51 @@ def _read_csv(path: Path) -> list:
         metrics = {name: _number(cells[i]) for i, name in names.items() if cells[i].strip()}
         _append(rows, int(step), {name: value for name, value in metrics.items() if value is not None})
     return rows
+
+
+def _read_verl(path: Path) -> list:
+    rows: list = []
+    for line in _read_text(path).split("\n"):
+        match = VERL_LINE.search(ANSI_ESCAPE.sub("", line).rstrip())
+        if match:
+            metrics = {key.strip(): float(value) for key, value in VERL_ITEM.findall(match.group(2))}
+            _append(rows, int(match.group(1)), metrics)
+    return rows
+
+
+def _read_trl(path: Path, logging_steps: int) -> list:
+    rows: list = []
+    for line in _read_text(path).split("\n"):
+        match = TRL_LINE.search(ANSI_ESCAPE.sub("", line).split("\r")[-1].rstrip())
+        if not match:
+            continue
+        metrics = {_strip(key): float(value) for key, value in DICT_ITEM.findall(match.group(1))}
+        # The Trainer also prints evaluation dicts (eval_*) and a closing summary (train_runtime, ...).
+        if not any(key.startswith(("eval_", "train_runtime")) for key in metrics) and metrics:
+            rows.append(((len(rows) + 1) * logging_steps, metrics))
+    return rows
+
+
+def _read_trainer_state(path: Path) -> list:
+    try:
+        history = json.loads(_read_text(path)).get("log_history")
+    except (json.JSONDecodeError, AttributeError):
+        raise BAIError(f"{path}: not a trainer_state.json (cut off?); expected a JSON object with log_history") from None
+    if not isinstance(history, list):
+        raise BAIError(f"{path}: no log_history list; expected a Hugging Face Trainer's trainer_state.json")
+    rows: list = []
+    for entry in history:
+        step = _number(entry.get("step")) if isinstance(entry, dict) else None
+        if step is None or any(key.startswith(("eval_", "train_runtime")) for key in entry):
+            continue
+        metrics = {_strip(key): _number(value) for key, value in entry.items() if key != "step"}
+        _append(rows, int(step), {key: value for key, value in metrics.items() if value is not None})
+    return rows
+
+
+def _strip(name: str) -> str:
+    """A logger's own prefix: OpenRLHF's TensorBoard/wandb loggers and HF's wandb integration write train/<name>."""
+    return name.removeprefix("train/")
 
 
 def _read_tensorboard(path: Path) -> list:
@@ -190,13 +268,13 @@ def _read_tensorboard(path: Path) -> list:
         events.Reload()
     except Exception as e:  # the event reader raises its own (TensorFlow-stub) errors on a damaged file
         raise BAIError(f"{path}: cannot read TensorBoard events ({e}); expected {EXPECTED}") from None
-    train_tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("train/")]
+    # OpenRLHF's logger writes train/* (and eval/*); verl's writes its metric names as they are.
+    tags = events.Tags()["scalars"]
+    train_tags = [tag for tag in tags if tag.startswith("train/")] or [tag for tag in tags if "/" in tag]
     if not train_tags:
-        raise BAIError(
-            f"{path}: no train/* scalars (empty or cut-off event file?); expected OpenRLHF's TensorboardLogger output"
-        )
+        raise BAIError(f"{path}: no training scalars (empty or cut-off event file?); expected {EXPECTED}")
     by_step: dict[int, dict[str, float]] = {}
     for tag in train_tags:
         for event in events.Scalars(tag):
-            by_step.setdefault(event.step, {})[tag.removeprefix("train/")] = event.value
+            by_step.setdefault(event.step, {})[_strip(tag)] = event.value
     return sorted(by_step.items())

@@ -23,10 +23,11 @@ import os
 import runpy
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-from openrlhf_bai.diagnostics.detectors import Thresholds
+from openrlhf_bai.diagnostics.detectors import HELP, Thresholds
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration.monitor import CONFIG_ENV, ON_COLLAPSE, check_config, monitor_config
 
@@ -73,17 +74,9 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
     parser.add_argument("--bai.on_collapse", choices=ON_COLLAPSE, default="warn",
                         help="when a detector fires: warn (default), save an OpenRLHF checkpoint, "
                              "or stop (save, then end training)")
-    parser.add_argument("--bai.baseline_steps", type=int, default=th.baseline_steps, metavar="N",
-                        help=f"first steps averaged into the length and reward baselines (default {th.baseline_steps})")
-    parser.add_argument("--bai.smoothing", type=float, default=th.smoothing, metavar="X",
-                        help=f"EMA weight of the newest step, 1 = no smoothing (default {th.smoothing})")
-    parser.add_argument("--bai.collapse_ratio", type=float, default=th.collapse_ratio, metavar="X",
-                        help=f"smoothed length / baseline below this is a collapse (default {th.collapse_ratio})")
-    parser.add_argument("--bai.hockey_drawdown", type=float, default=th.hockey_drawdown, metavar="X",
-                        help="baseline spreads the smoothed reward must fall below its baseline "
-                             f"(default {th.hockey_drawdown})")
-    parser.add_argument("--bai.patience", type=int, default=th.patience, metavar="N",
-                        help=f"consecutive steps a condition must hold before it is raised (default {th.patience})")
+    for name, default in asdict(th).items():  # the detectors' thresholds (openrlhf_bai.diagnostics.detectors)
+        parser.add_argument(f"--bai.{name}", type=type(default), default=default, metavar="X",
+                            help=f"{HELP[name]} (default {default})")
 
 
 def init_actor(args) -> None:

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import asdict
 
-from openrlhf_bai.diagnostics.detectors import Thresholds, new_state, observe
+from openrlhf_bai.diagnostics.detectors import STATE_VERSION, Thresholds, make_thresholds, new_state, observe
 from openrlhf_bai.errors import BAIError
 
 CONFIG_ENV = "OPENRLHF_BAI_MONITOR"
@@ -42,17 +42,7 @@ def check_config(config: dict) -> None:
         raise BAIError(f"--bai.stability must be on or off, got {config['stability']!r}")
     if config["on_collapse"] not in ON_COLLAPSE:
         raise BAIError(f"--bai.on_collapse must be one of {', '.join(ON_COLLAPSE)}, got {config['on_collapse']!r}")
-    limits = {
-        "baseline_steps": (lambda v: v == int(v) and v >= 2, "an integer >= 2"),
-        "patience": (lambda v: v == int(v) and v >= 1, "an integer >= 1"),
-        "smoothing": (lambda v: 0 < v <= 1, "in (0, 1]"),
-        "collapse_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
-        "hockey_drawdown": (lambda v: v > 0, "> 0"),
-    }
-    for key, (ok, expected) in limits.items():
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-            raise BAIError(f"--bai.{key} must be {expected}, got {value!r}")
+    make_thresholds(config)  # the detectors' own limits, named by flag
 
 
 def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states: dict) -> None:
@@ -76,9 +66,11 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
         config = {**DEFAULTS, **given}
         check_config(config)
         resumed = getattr(trainer, "bai_resumed_states", {}).get(STATE_KEY)
+        if resumed and resumed.get("version") != STATE_VERSION:  # saved by 0.1's detectors: start afresh
+            resumed = None
         run = trainer._bai_monitor = {
             "config": config,
-            "thresholds": Thresholds(**{key: config[key] for key in asdict(Thresholds())}),
+            "thresholds": make_thresholds(config),
             "state": copy.deepcopy(resumed) if resumed else new_state(),
         }
         if resumed:

@@ -1,0 +1,158 @@
+"""Labeled training curves for measuring the detectors: real published runs and seeded synthetic ones.
+
+A curve is a dict: name, origin ("real" or "synthetic"), rows [(step, metrics)], logging_steps, and a label per
+detector, {"present": bool, "onset": step or None} (for the hockey stick also "recovery"). The onset is the first
+log point at which the event has reached the size that makes it one: length below about 60 % of where it was, the
+first point of a reward drop, entropy below about 30 %, KL several times its level; recovery is the first point
+back at the reward's level before the drop.
+
+- real_curves(root): every `<root>/<run>/` with provenance.json (where the run came from, its file and format)
+  and label.json (what the curve does, judged by eye from its numbers); see tests/data/curves/README.md.
+- synthetic_curves(seed): what real runs do and the real corpus lacks: the paper's Figure 2 and 3 shapes,
+  entropy collapse, KL blow-up, a drop from the truncation cap, and healthy regimes that trip naive detectors
+  (length rising to the cap, a slow decline under a length penalty, small-batch binomial rewards, rewards
+  starting at zero, an early length dip that comes back, sparse logging, a run resumed at step 500, NaN steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+from openrlhf_bai.diagnostics.detectors import DETECTORS
+from openrlhf_bai.diagnostics.readers import read_rows
+
+LENGTH, REWARD, ENTROPY, KL, TRUNCATED = (
+    "rollout/response_length_mean", "rollout/reward_mean", "entropy_loss", "kl", "rollout/truncated_rate")
+
+
+def _label(**events) -> dict:
+    """{detector: {"present", "onset"[, "recovery"]}} with every detector absent unless given as onset step."""
+    label = {name: {"present": False, "onset": None} for name in DETECTORS}
+    for name, onset in events.items():
+        if name == "hockey_stick":
+            onset, recovery = onset
+            label[name] = {"present": True, "onset": onset, "recovery": recovery}
+        else:
+            label[name] = {"present": True, "onset": onset}
+    return label
+
+
+def real_curves(root: str | Path) -> list[dict]:
+    """The published runs under `root`, read with the same readers `diagnose` uses."""
+    curves = []
+    for run in sorted(p for p in Path(root).iterdir() if (p / "label.json").is_file()):
+        provenance = json.loads((run / "provenance.json").read_text())
+        raw = json.loads((run / "label.json").read_text())
+        logging_steps = int(provenance.get("logging_steps") or 1)
+        kind, rows = read_rows(run / provenance["file"], logging_steps=logging_steps)
+        label = _label()
+        for name, event in raw.items():
+            if name in label and isinstance(event, dict) and event.get("present"):
+                onset = event.get("onset_step", event.get("drop_step"))
+                label[name] = {"present": True, "onset": onset}
+                if name == "hockey_stick":
+                    label[name]["recovery"] = event.get("recovery_step")
+        curves.append({"name": run.name, "origin": "real", "kind": kind, "rows": rows,
+                       "logging_steps": logging_steps, "label": label, "provenance": provenance})
+    return curves
+
+
+def synthetic_curves(seed: int = 0) -> list[dict]:
+    """The synthetic part of the corpus: the same curves for the same seed."""
+    rng = random.Random(seed)
+    gauss, curves = rng.gauss, []
+
+    def add(name, steps, metrics_at, label, logging_steps=1):
+        rows = [(step, metrics_at(step)) for step in steps]
+        curves.append({"name": name, "origin": "synthetic", "kind": "synthetic", "rows": rows,
+                       "logging_steps": logging_steps, "label": label})
+
+    def binomial(p, n):  # the mean reward of n responses scored 0/1
+        return sum(rng.random() < p for _ in range(n)) / n
+
+    # The paper's Figure 2: length falls within ~10 steps from step 20 and does not come back; reward keeps rising.
+    add("fig2-length-collapse", range(1, 201), lambda s: {
+        LENGTH: (4000 if s < 20 else max(1200, 4000 - 280 * (s - 19))) * (1 + gauss(0, 0.04)),
+        REWARD: 0.3 + 0.001 * s + gauss(0, 0.02)}, _label(length_collapse=25))
+    # The paper's Figure 3: reward drops hard from step 5, bottoms out, climbs back to its start by step 80.
+    add("fig3-hockey-stick", range(1, 201), lambda s: {
+        LENGTH: 3000 * (1 + 0.001 * s) * (1 + gauss(0, 0.04)),
+        REWARD: (0.45 if s < 5 else 0.15 if s < 15 else min(0.45 + 0.001 * (s - 80), 0.15 + 0.3 * (s - 15) / 65))
+        + gauss(0, 0.015)}, _label(hockey_stick=(5, 80)))
+    # The issue's real case, logged every 10 steps: length 95 % down between the first and second log points.
+    add("collapse-at-second-log-point", range(10, 401, 10), lambda s: {
+        LENGTH: (2400 if s == 10 else 120) * (1 + gauss(0, 0.05)), REWARD: 0.2 + gauss(0, 0.02)},
+        _label(length_collapse=20), logging_steps=10)
+    # Reward model scores around -1 dropping to -4 (negative scale), slow recovery.
+    add("hockey-stick-negative-rm-scores", range(1, 151), lambda s: {
+        LENGTH: 1500 * (1 + gauss(0, 0.05)),
+        REWARD: (-1.0 if s < 30 else -4.0 + 3.0 * min(1.0, (s - 30) / 90)) + gauss(0, 0.1)},
+        _label(hockey_stick=(30, 120)))
+    add("entropy-collapse", range(1, 151), lambda s: {
+        LENGTH: 2000 * (1 + gauss(0, 0.04)), REWARD: 0.4 + 0.001 * s + gauss(0, 0.02),
+        ENTROPY: (1.0 if s < 40 else max(0.05, 1.0 - 0.095 * (s - 40))) * (1 + gauss(0, 0.03))},
+        _label(entropy_collapse=48))
+    add("kl-blowup", range(1, 151), lambda s: {
+        LENGTH: 2000 * (1 + gauss(0, 0.04)), REWARD: 0.4 + gauss(0, 0.02),
+        KL: (0.002 + 0.0002 * s if s < 90 else 0.5 + 0.1 * (s - 90)) * (1 + gauss(0, 0.1))},
+        _label(kl_blowup=90))
+    # Hitting the 8192-token cap 40 % of the time, then learning to stop: the truncated share falls with the length.
+    add("length-drop-from-truncation-cap", range(1, 151), lambda s: {
+        LENGTH: (6000 if s < 50 else 3000) * (1 + gauss(0, 0.03)), REWARD: 0.3 + 0.002 * s + gauss(0, 0.02),
+        TRUNCATED: (0.4 if s < 50 else 0.03) + abs(gauss(0, 0.01))}, _label(truncation_drop=50))
+
+    # Healthy regimes.
+    add("healthy-length-rising-to-cap", range(1, 301), lambda s: {
+        LENGTH: min(8192, 1000 + 40 * s) * (1 + gauss(0, 0.03)), REWARD: 0.2 + 0.4 * (1 - math.exp(-s / 80))
+        + gauss(0, 0.02), TRUNCATED: min(0.5, max(0.0, (1000 + 40 * s - 6000) / 6000)) + abs(gauss(0, 0.01))},
+        _label())
+    add("healthy-length-penalty-decline", range(1, 501), lambda s: {
+        LENGTH: 3000 * (1 - s / 1000) * (1 + gauss(0, 0.04)), REWARD: 0.5 + 0.0002 * s + gauss(0, 0.02)}, _label())
+    add("healthy-binomial-rewards-batch-16", range(1, 301), lambda s: {
+        LENGTH: 1500 * (1 + 0.001 * s) * (1 + gauss(0, 0.06)), REWARD: binomial(0.2 + 0.4 * s / 300, 16)}, _label())
+    add("healthy-rewards-starting-at-zero", range(1, 201), lambda s: {
+        LENGTH: 800 * (1 + gauss(0, 0.05)), REWARD: binomial(0.0 if s < 30 else min(0.7, 0.01 * (s - 30)), 64)},
+        _label())
+    # Qwen-style zero-RL: length first dips (the model drops rambling) to 70 %, then grows past its start.
+    add("healthy-early-dip-then-growth", range(1, 301), lambda s: {
+        LENGTH: (1000 - 10 * s if s < 30 else 700 + 8 * (s - 30)) * (1 + gauss(0, 0.04)),
+        REWARD: 0.3 + 0.3 * (1 - math.exp(-s / 60)) + gauss(0, 0.02)}, _label())
+    add("healthy-logged-every-10-steps", range(10, 1001, 10), lambda s: {
+        LENGTH: 1200 * (1 + s / 1000) * (1 + gauss(0, 0.05)), REWARD: 0.3 + 0.0003 * s + gauss(0, 0.02),
+        ENTROPY: 0.8 * math.exp(-s / 1500) * (1 + gauss(0, 0.05)), KL: 0.0001 * s * (1 + gauss(0, 0.1))},
+        _label(), logging_steps=10)
+    add("healthy-resumed-at-step-500", range(500, 701), lambda s: {
+        LENGTH: 2500 * (1 + gauss(0, 0.05)), REWARD: 0.6 + 0.0002 * (s - 500) + gauss(0, 0.02)}, _label())
+    add("healthy-with-nan-steps", range(1, 201), lambda s: {
+        LENGTH: float("nan") if rng.random() < 0.1 else 1800 * (1 + gauss(0, 0.05)),
+        REWARD: float("nan") if rng.random() < 0.1 else 0.4 + 0.001 * s + gauss(0, 0.02)}, _label())
+    add("healthy-noisy-entropy-and-kl", range(1, 401), lambda s: {
+        LENGTH: 1500 * (1 + gauss(0, 0.05)), REWARD: 0.4 + 0.0005 * s + gauss(0, 0.02),
+        ENTROPY: (0.6 - 0.0008 * s) * (1 + gauss(0, 0.1)), KL: 0.0003 * s * (1 + gauss(0, 0.3))}, _label())
+    return curves
+
+
+def score(curve: dict, detections: dict, patience: int) -> dict:
+    """Per detector: "hit" (with delay in steps and log points), "miss", "false alarm" (raised where the label has no
+    event), "early" (raised before the labeled onset of an event), "quiet" (rightly nothing), or "too short" (an event the log ends fewer than
+    `patience` points after: no detector that waits can raise it). `detections` maps detector -> step or None."""
+    steps = [step for step, _ in curve["rows"]]
+    result = {}
+    for name in DETECTORS:
+        label, step = curve["label"][name], detections.get(name)
+        if step is None and label["present"] and sum(s >= label["onset"] for s in steps) < patience:
+            result[name] = {"outcome": "too short"}
+        elif step is None:
+            result[name] = {"outcome": "miss" if label["present"] else "quiet"}
+        elif not label["present"]:
+            result[name] = {"outcome": "false alarm", "step": step}
+        elif step < label["onset"]:  # raised before the labeled onset of a real event (a slow curve's crossing)
+            result[name] = {"outcome": "early", "step": step, "delay_steps": step - label["onset"]}
+        else:
+            points = sum(1 for s in steps if label["onset"] < s <= step)
+            result[name] = {"outcome": "hit", "step": step, "delay_steps": step - label["onset"],
+                            "delay_points": points}
+    return result
