@@ -235,8 +235,7 @@ def merge_or_reuse(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool
             return output_dir, True
         free = shutil.disk_usage(existing_parent(output_dir)).free
         if free < plan.bytes_to_write:
-            raise BAIError(f"not enough disk for {output_dir}: {plan.bytes_to_write / 1e9:.2f} GB needed, "
-                           f"{free / 1e9:.2f} GB free")
+            raise BAIError(f"not enough disk for {output_dir}: {_size(plan.bytes_to_write)} needed, {_size(free)} free")
         # The owner in the name lets the next merge tell a dead merge's directory from a live one (remove_stale).
         owner = _owner_tag()
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-{owner}-", dir=output_dir.parent))
@@ -260,8 +259,8 @@ def merge_or_reuse(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 free = shutil.disk_usage(existing_parent(output_dir)).free
-                raise BAIError(f"disk full while writing {output_dir}: the merge needs {plan.bytes_to_write / 1e9:.2f}"
-                               f" GB, {free / 1e9:.2f} GB are free; nothing was left behind") from None
+                raise BAIError(f"disk full while writing {output_dir}: the merge needs {_size(plan.bytes_to_write)}, "
+                               f"{_size(free)} are free; nothing was left behind") from None
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 print(f"openrlhf-bai: merge into {output_dir} interrupted; its temporary directory was removed",
                       file=sys.stderr)
@@ -272,6 +271,10 @@ def merge_or_reuse(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool
             for c in plan.inputs:
                 io.close(c)
     return output_dir, False
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _exit_on_signal(signum, frame):
@@ -339,7 +342,7 @@ def remove_stale(output_dir: Path) -> None:
             removed += 1
     if removed:
         print(f"openrlhf-bai: removed {removed} temporary director{'y' if removed == 1 else 'ies'} of killed merges "
-              f"into {output_dir}, {freed / 1e9:.2f} GB freed", file=sys.stderr)
+              f"into {output_dir}, {_size(freed)} freed", file=sys.stderr)
 
 
 # --- the streaming write -------------------------------------------------------------------------------------------
