@@ -124,7 +124,8 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
                 rows = ", ".join(f"{s[0]} in {c.label.split()[0]}" for s, c in zip(shapes, inputs))
                 raise BAIError(
                     f"vocabulary sizes differ: {name} has {rows} rows (an SFT model added tokens); pass "
-                    "--vocab-mismatch renormalize to merge each row over the inputs that have it"
+                    "--vocab-mismatch renormalize (launcher: --bai.vocab_mismatch) to merge each row over the inputs "
+                    "that have it"
                 )
         merged = all(i.dtype in io.FLOATS for i in infos)
         out_shape = shapes[config_src]
