@@ -1,15 +1,27 @@
-"""Merge speed and memory: `openrlhf-bai merge` against mergekit and against the raw I/O floor.
+"""Merge speed and memory: `openrlhf-bai merge` against mergekit and against the raw I/O floor, and its scaling
+with threads.
 
-Three ~250M-parameter bf16 checkpoints (Qwen2-like: hidden 1024, 16 layers, 16 heads, 4 KV heads,
-intermediate 2816, vocab 32000, untied) are written once and cached. Each contender runs as a whole process
-(`/usr/bin/time`-style: wall clock and peak RSS of the child) on warm page cache:
+Two cases, each three bf16 checkpoints (a base and two "SFT" models of it) written once with transformers and
+cached:
+
+- dense: Qwen2-like, ~250M parameters (hidden 1024, 16 layers, 16 heads, 4 KV heads, intermediate 2816, vocab
+  32000, untied), 290 tensors, 492 MB per input;
+- moe: Qwen3-MoE-like, ~264M parameters (hidden 384, 32 layers, 48 experts of intermediate 128, 4 active,
+  vocab 32000), each expert's projections a tensor of its own as hub checkpoints store them: ~4,900 tensors,
+  528 MB per input.
+
+Each contender runs as a whole process (wall clock and peak RSS of the child) on warm page cache:
 
 - raw I/O: read the three inputs and write one output of the merged size (the floor for any merge);
-- openrlhf-bai: `openrlhf-bai merge ... --alpha 0.5` (weights base 0.5, SFTs 0.25 / 0.25);
+- openrlhf-bai: `openrlhf-bai merge ... --alpha 0.5` (weights base 0.5, SFTs 0.25 / 0.25), default threads;
 - mergekit 0.1.5: `mergekit-yaml` on the equivalent linear config (`--export-mergekit`), in its own venv,
-  built on first use (pip, about a minute) unless --skip-mergekit.
+  built on first use (pip, about a minute) unless --skip-mergekit;
+- then openrlhf-bai with --threads 1, 2, 4 ... up to the usable cores: the scaling table.
 
-    python benchmarks/bench_merge.py [--repeats 3] [--skip-mergekit] [--json results.json]
+Last, the time for 7B, 70B and 235B-A22B merges projected from the measured throughput per core and an assumed
+disk bandwidth (--disk-gbps).
+
+    python benchmarks/bench_merge.py [--repeats 3] [--cases dense moe] [--skip-mergekit] [--json results.json]
 """
 
 from __future__ import annotations
@@ -27,6 +39,11 @@ from pathlib import Path
 CACHE = Path(os.environ.get("OPENRLHF_BAI_BENCH_DIR", Path.home() / ".cache" / "openrlhf-bai" / "bench"))
 MERGEKIT_VENV = CACHE.parent / "mergekit-0.1.5"
 EXE = Path(sys.executable).with_name("openrlhf-bai")
+CASES = {"dense": ("qwen2-250m", "qwen2"), "moe": ("qwen3moe-264m", "qwen3_moe")}
+NAMES = ("base", "sft_instruct", "sft_reasoning")
+# Per-input bf16 size of the projected models: parameters x 2 bytes.
+PROJECTED = {"7B (dense)": (7.6e9 * 2, "dense"), "70B (dense)": (70.6e9 * 2, "dense"),
+             "235B-A22B (MoE)": (235e9 * 2, "moe")}
 
 RAW_IO = """
 import sys
@@ -57,81 +74,122 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
-def ensure_checkpoints() -> dict[str, Path]:
-    root = CACHE / "qwen2-250m"
-    names = ("base", "sft_instruct", "sft_reasoning")
-    if not all((root / n / "model.safetensors").is_file() for n in names):
-        print(f"writing three ~250M-parameter bf16 checkpoints under {root} (a few minutes, once)")
+def ensure_checkpoints(case: str) -> dict[str, Path]:
+    folder, arch = CASES[case]
+    root = CACHE / folder
+    if not all(list((root / n).glob("*.safetensors")) for n in NAMES):
+        print(f"writing three {case} bf16 checkpoints under {root} (a few minutes, once)", flush=True)
         shutil.rmtree(root, ignore_errors=True)
         tmp = root.with_name(root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         # In a child: torch in this process would inflate every measured child's peak RSS (inherited at fork).
         subprocess.run([sys.executable, "-c", "import sys; from openrlhf_bai.toy import write_family; "
-                        "write_family(sys.argv[1], 'qwen2', size='bench')", str(tmp)], check=True)
+                        "write_family(sys.argv[1], sys.argv[2], size='bench')", str(tmp), arch], check=True)
         tmp.rename(root)
-    return {n: root / n for n in names}
+    return {n: root / n for n in NAMES}
 
 
 def ensure_mergekit() -> Path:
     exe = MERGEKIT_VENV / "bin" / "mergekit-yaml"
     if not (MERGEKIT_VENV / ".complete").exists():
-        print(f"installing mergekit 0.1.5 into {MERGEKIT_VENV} (once)")
+        print(f"installing mergekit 0.1.5 into {MERGEKIT_VENV} (once)", flush=True)
         subprocess.run([sys._base_executable, "-m", "venv", "--clear", str(MERGEKIT_VENV)], check=True)
         subprocess.run([str(MERGEKIT_VENV / "bin" / "pip"), "install", "-q", "torch==2.13.0", "mergekit==0.1.5"], check=True)
         (MERGEKIT_VENV / ".complete").touch()
     return exe
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip-mergekit", action="store_true")
-    p.add_argument("--json", default=None)
-    a = p.parse_args()
+def measure(cmd, repeats: int, work: Path) -> dict:
+    runs = []
+    for i in range(repeats):
+        runs.append(timed(cmd(i)))
+        for leftover in work.glob("out*"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    return {"median_s": statistics.median(r[0] for r in runs), "peak_rss_gib": max(r[1] for r in runs) / 2**30,
+            "runs_s": [r[0] for r in runs]}
 
-    ckpt = ensure_checkpoints()
+
+def bench_case(case: str, a, cores: int) -> dict:
+    ckpt = ensure_checkpoints(case)
     work = CACHE / "runs"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    inputs = [str(ckpt[n] / "model.safetensors") for n in ("base", "sft_instruct", "sft_reasoning")]
-    out_size = os.path.getsize(inputs[0])
+    inputs = [str(f) for n in NAMES for f in sorted(ckpt[n].glob("*.safetensors"))]
+    out_size = sum(f.stat().st_size for f in ckpt["base"].glob("*.safetensors"))
     merge_cmd = [str(EXE), "merge", "--base", str(ckpt["base"]), "--sft", str(ckpt["sft_instruct"]),
                  str(ckpt["sft_reasoning"]), "--alpha", "0.5", "--no-progress"]
-    subprocess.run(merge_cmd + ["--output", str(work / "plan"), "--dry-run", "--export-mergekit",
-                                str(work / "mergekit.yml")], check=True, stdout=subprocess.DEVNULL)
+    plan = subprocess.run(merge_cmd + ["--output", str(work / "plan"), "--dry-run", "--export-mergekit",
+                                       str(work / "mergekit.yml")], check=True, capture_output=True, text=True).stdout
+    tensors = int(plan.split(" tensors in")[0].split()[-1])
     # The same linear merge without tokenizer_source, whose embedding remapping is not part of a plain merge.
     yml = work / "mergekit.yml"
     yml.write_text("".join(line for line in yml.read_text().splitlines(True) if not line.startswith("tokenizer_source")))
     contenders = {
         "raw I/O (read 3 inputs, write 1 output)":
-            lambda i: [sys.executable, "-c", RAW_IO, *inputs, str(work / f"raw{i}.bin"), str(out_size)],
-        "openrlhf-bai merge": lambda i: merge_cmd + ["--output", str(work / f"bai{i}")],
+            lambda i: [sys.executable, "-c", RAW_IO, *inputs, str(work / f"out-raw{i}.bin"), str(out_size)],
+        f"openrlhf-bai merge ({cores} threads)": lambda i: merge_cmd + ["--output", str(work / f"out-bai{i}")],
     }
     if not a.skip_mergekit:
         mk = ensure_mergekit()
-        contenders["mergekit 0.1.5 mergekit-yaml"] = lambda i: [str(mk), str(work / "mergekit.yml"), str(work / f"mk{i}"),
-                                                                "--quiet"]
+        contenders["mergekit 0.1.5 mergekit-yaml"] = lambda i: [str(mk), str(yml), str(work / f"out-mk{i}"), "--quiet"]
     for f in inputs:  # warm the page cache, as in the reference figures
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
 
-    results = {}
+    print(f"\n[{case}] 3 inputs x {out_size / 1e6:.0f} MB, {tensors} tensors each", flush=True)
+    results = {"input_bytes": out_size, "tensors": tensors, "contenders": {}, "threads": {}}
     for name, cmd in contenders.items():
-        runs = []
-        for i in range(a.repeats):
-            runs.append(timed(cmd(i)))
-            shutil.rmtree(work / f"bai{i}", ignore_errors=True)
-            shutil.rmtree(work / f"mk{i}", ignore_errors=True)
-            (work / f"raw{i}.bin").unlink(missing_ok=True)
-        results[name] = {"median_s": statistics.median(r[0] for r in runs),
-                         "peak_rss_gib": max(r[1] for r in runs) / 2**30, "runs_s": [r[0] for r in runs]}
+        results["contenders"][name] = measure(cmd, a.repeats, work)
+    counts = sorted({1, cores} | {2**k for k in range(cores.bit_length()) if 2**k <= cores})
+    for n in counts:
+        results["threads"][n] = measure(lambda i: merge_cmd + ["--output", str(work / f"out-t{i}"), "--threads", str(n)],
+                                        a.repeats, work)
 
-    bai = results["openrlhf-bai merge"]["median_s"]
-    print(f"\n{'contender':42} {'median wall':>12} {'peak RSS':>10} {'vs openrlhf-bai':>16}")
-    for name, r in results.items():
-        print(f"{name:42} {r['median_s']:>10.2f} s {r['peak_rss_gib']:>6.2f} GiB {r['median_s'] / bai:>15.2f}x")
-    print(f"\n{os.cpu_count()} CPUs; inputs 3 x {out_size / 1e6:.0f} MB; {a.repeats} runs each, warm page cache")
+    floor = results["contenders"]["raw I/O (read 3 inputs, write 1 output)"]["median_s"]
+    ours = results["contenders"][f"openrlhf-bai merge ({cores} threads)"]["median_s"]
+    print(f"{'contender':42} {'median wall':>12} {'peak RSS':>10} {'vs I/O floor':>13} {'vs openrlhf-bai':>16}")
+    for name, r in results["contenders"].items():
+        print(f"{name:42} {r['median_s']:>10.2f} s {r['peak_rss_gib']:>6.2f} GiB {r['median_s'] / floor:>12.2f}x "
+              f"{r['median_s'] / ours:>15.2f}x")
+    one = results["threads"][1]["median_s"]
+    print(f"\n{'threads':>7} {'median wall':>12} {'peak RSS':>10} {'speed-up':>9} {'vs I/O floor':>13}")
+    for n, r in results["threads"].items():
+        print(f"{n:>7} {r['median_s']:>10.2f} s {r['peak_rss_gib']:>6.2f} GiB {one / r['median_s']:>8.2f}x "
+              f"{r['median_s'] / floor:>12.2f}x")
+    return results
+
+
+def projection(results: dict, cores: int, disk_gbps: float) -> None:
+    """Whole-merge time at size S per input: the arithmetic at the measured per-core rate (one thread, whole process,
+    so start-up included) on C cores, or moving 4 S through the disk, whichever is longer (threads overlap them)."""
+    print(f"\nprojected merge time, 3 bf16 inputs, disk at {disk_gbps:g} GB/s (read 3 S + write S), "
+          "per-core rate measured above at 1 thread:")
+    counts = sorted({cores, 8, 32})
+    print(f"{'model':18} {'S per input':>12} " + " ".join(f"{f'{c} cores':>10}" for c in counts))
+    for model, (size, case) in PROJECTED.items():
+        if case not in results:
+            continue
+        rate = results[case]["input_bytes"] / results[case]["threads"][1]["median_s"]  # bytes per input per s, 1 core
+        io_s = 4 * size / (disk_gbps * 1e9)
+        cells = [max(size / (rate * c), io_s) for c in counts]
+        print(f"{model:18} {size / 1e9:>9.0f} GB " + " ".join(f"{t / 60:>7.1f} min" for t in cells))
+    print("(the disk bound is reached where the columns stop shrinking)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--disk-gbps", type=float, default=2.0, help="disk bandwidth assumed by the projection (GB/s)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+
+    cores = len(os.sched_getaffinity(0))
+    results = {case: bench_case(case, a, cores) for case in a.cases}
+    projection(results, cores, a.disk_gbps)
+    print(f"\n{cores} usable cores; {a.repeats} runs each, median; warm page cache")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 

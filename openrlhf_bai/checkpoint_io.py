@@ -2,7 +2,8 @@
 
 - `open_checkpoint`: resolve a local directory or hub id and read config.json and every safetensors header
   (no tensor data), refusing pickle-only checkpoints, truncated shards and index entries that leave the directory.
-- `read_rows`: rows of one tensor, read on demand; nothing else of the model is in memory.
+- `read_rows` / `read_at`: rows of one tensor, or elements at a byte offset, read on demand with pread; nothing else
+  of the model is in memory. `write_at`: pwrite, so several threads fill one output shard.
 - `safetensors_header`: a shard is written as its header followed by tensor bytes in order, so
   the writer never holds a whole tensor, let alone a whole model.
 """
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ DTYPES = {
 FLOATS = ("F64", "F32", "F16", "BF16")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _SAMPLE = 64 * 1024  # bytes of tensor data hashed at each end of a shard for the fingerprint
+_OPEN_LOCK = threading.Lock()
 
 
 @dataclass
@@ -156,17 +159,33 @@ def open_checkpoint(path: str, label: str) -> Checkpoint:
 
 
 def read_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a tensor (dim 0; a 0-d tensor is one row), flat, read with pread into a new array.
-    Plain reads rather than a memory map: mapped pages would count in the process's RSS for the whole merge."""
+    """Rows [start, stop) of a tensor (dim 0; a 0-d tensor is one row), flat."""
     info = ckpt.tensors[name]
-    row_numel = _row_numel(info.shape)
-    out = np.empty((stop - start) * row_numel, dtype=DTYPES[info.dtype])
+    n = row_numel(info.shape)
+    return read_at(ckpt, info.file, info.offset + start * n * np.dtype(DTYPES[info.dtype]).itemsize, info.dtype,
+                   (stop - start) * n, name)
+
+
+def read_at(ckpt: Checkpoint, file: Path, offset: int, dtype: str, count: int, name: str) -> np.ndarray:
+    """`count` elements of `dtype` at byte `offset` of one of the checkpoint's files, read with pread into a new
+    array. Plain reads rather than a memory map: mapped pages would count in the process's RSS for the whole merge.
+    pread has no file position, so the merge's threads share one descriptor per file."""
+    out = np.empty(count, dtype=DTYPES[dtype])
     if out.size:
-        if info.file not in ckpt._files:
-            ckpt._files[info.file] = os.open(info.file, os.O_RDONLY)
-        if os.preadv(ckpt._files[info.file], [out], info.offset + start * row_numel * out.itemsize) != out.nbytes:
-            raise BAIError(f"{info.file}: truncated while reading tensor {name} (file changed during the merge?)")
+        with _OPEN_LOCK:
+            if file not in ckpt._files:
+                ckpt._files[file] = os.open(file, os.O_RDONLY)
+        if os.preadv(ckpt._files[file], [out], offset) != out.nbytes:
+            raise BAIError(f"{file}: truncated while reading tensor {name} (file changed during the merge?)")
     return out
+
+
+def write_at(fd: int, data, offset: int) -> None:
+    """All of `data` at byte `offset` of an open file (pwrite: the merge's threads write one shard side by side)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def close(ckpt: Checkpoint) -> None:
@@ -175,7 +194,7 @@ def close(ckpt: Checkpoint) -> None:
     ckpt._files.clear()
 
 
-def _row_numel(shape: tuple[int, ...]) -> int:
+def row_numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape[1:]:
         n *= d

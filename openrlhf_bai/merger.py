@@ -1,17 +1,24 @@
 """The BAI merge, read top to bottom: plan (every check, before any tensor is read), then stream.
 
 plan_merge(recipe)      open each input's headers, check architecture / names / shapes / vocab rows, lay out shards
-merge(recipe, out)      take a file lock, reuse a finished identical merge, else stream tensor rows through
-                        `recipe.combine_rows` into shards in a temporary directory beside `out`, then rename it in
+merge(recipe, out)      take a file lock, remove what killed merges into `out` left behind, reuse a finished
+                        identical merge, else stream slices of the tensors through `recipe.combine_rows` on a thread
+                        pool into shards in a temporary directory beside `out`, then rename it in
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +29,7 @@ from openrlhf_bai.errors import BAIError
 from openrlhf_bai.recipe import DTYPES, BAIRecipe, combine_rows, to_fp32
 
 PROVENANCE = "bai_recipe.json"
-CHUNK_ELEMENTS = 1 << 18  # rows are merged in slices of ~256K elements: 1 MB in fp32 stays in the CPU cache
+CHUNK_ELEMENTS = 1 << 18  # merged in slices of ~256K elements: 1 MB in fp32 stays in the CPU cache
 FORMAT_VERSION = 1  # bump when the output bytes for the same recipe would change
 
 
@@ -117,7 +124,8 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
                 rows = ", ".join(f"{s[0]} in {c.label.split()[0]}" for s, c in zip(shapes, inputs))
                 raise BAIError(
                     f"vocabulary sizes differ: {name} has {rows} rows (an SFT model added tokens); pass "
-                    "--vocab-mismatch renormalize to merge each row over the inputs that have it"
+                    "--vocab-mismatch renormalize (launcher: --bai.vocab_mismatch) to merge each row over the inputs "
+                    "that have it"
                 )
         merged = all(i.dtype in io.FLOATS for i in infos)
         out_shape = shapes[config_src]
@@ -186,9 +194,6 @@ def check_destination(output_dir: Path, plan: MergePlan, overwrite: bool) -> boo
         return True
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise BAIError(f"output directory {output_dir} exists and is not empty; pass --overwrite to replace it")
-    free = shutil.disk_usage(existing_parent(output_dir)).free
-    if free < plan.bytes_to_write:
-        raise BAIError(f"not enough disk for {output_dir}: {plan.bytes_to_write / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
     return False
 
 
@@ -199,74 +204,191 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
+def default_threads() -> int:
+    """The cores this process may run on (a job scheduler's CPU set, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def merge(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
-          plan: MergePlan | None = None) -> Path:
+          plan: MergePlan | None = None, threads: int | None = None) -> Path:
     """Merge into output_dir and return it. A finished merge of the same recipe there is reused untouched;
-    two processes merging the same recipe do the work once. On any failure nothing is left at output_dir."""
-    return merge_or_reuse(recipe, output_dir, overwrite=overwrite, progress=progress, plan=plan)[0]
+    two processes merging the same recipe do the work once. On any failure nothing is left at output_dir.
+    `threads` (default: the usable cores) changes the speed only, never a byte of the output."""
+    return merge_or_reuse(recipe, output_dir, overwrite=overwrite, progress=progress, plan=plan, threads=threads)[0]
 
 
 def merge_or_reuse(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
-                   plan: MergePlan | None = None) -> tuple[Path, bool]:
+                   plan: MergePlan | None = None, threads: int | None = None) -> tuple[Path, bool]:
     """`merge`, also saying whether the output was already there (True) or written now (False)."""
     from filelock import FileLock
 
     plan = plan or plan_merge(recipe)
+    threads = default_threads() if threads is None else threads
+    if threads < 1:
+        raise BAIError(f"threads must be at least 1, got {threads}")
     output_dir = Path(output_dir).expanduser().absolute()
-    if check_destination(output_dir, plan, overwrite):
+    if check_destination(output_dir, plan, overwrite) and not _leftovers(output_dir):
         return output_dir, True
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(output_dir.parent / f".{output_dir.name}.lock")):
+        remove_stale(output_dir)  # before the disk check: a killed merge's leftovers may be what fills the disk
         if check_destination(output_dir, plan, overwrite):  # another process finished it while we waited
             return output_dir, True
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+        free = shutil.disk_usage(existing_parent(output_dir)).free
+        if free < plan.bytes_to_write:
+            raise BAIError(f"not enough disk for {output_dir}: {_size(plan.bytes_to_write)} needed, {_size(free)} free")
+        # The owner in the name lets the next merge tell a dead merge's directory from a live one (remove_stale).
+        owner = _owner_tag()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-{owner}-", dir=output_dir.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users of a shared FS
+        # SIGTERM's default action would end the process without the cleanup below; as an exception it runs it.
+        on_term = None
+        if threading.current_thread() is threading.main_thread():
+            on_term = signal.signal(signal.SIGTERM, _exit_on_signal)
         try:
-            _write_merge(plan, tmp, progress)
+            _write_merge(plan, tmp, progress, threads)
             if output_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+                old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-{owner}-", dir=output_dir.parent))
                 os.replace(output_dir, old / "d")
                 os.replace(tmp, output_dir)
                 shutil.rmtree(old)
             else:
                 os.replace(tmp, output_dir)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(existing_parent(output_dir)).free
+                raise BAIError(f"disk full while writing {output_dir}: the merge needs {_size(plan.bytes_to_write)}, "
+                               f"{_size(free)} are free; nothing was left behind") from None
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                print(f"openrlhf-bai: merge into {output_dir} interrupted; its temporary directory was removed",
+                      file=sys.stderr)
             raise
         finally:
+            if on_term is not None:
+                signal.signal(signal.SIGTERM, on_term)
             for c in plan.inputs:
                 io.close(c)
     return output_dir, False
 
 
-def _write_merge(plan: MergePlan, out: Path, progress: bool) -> None:
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+# --- leftovers of killed merges ------------------------------------------------------------------------------------
+# A merge writes into .NAME.tmp-OWNER-XXXX beside the output (and moves a replaced output to .NAME.old-OWNER-XXXX);
+# SIGKILL, an OOM kill or a power loss leaves them. OWNER = host-bootid-pid-starttime of the merging process.
+STALE_FOREIGN_S = 600  # a directory of another host (or without owner) counts as dead after this long unwritten
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}-{_boot_id()}-{os.getpid()}-{_start_time(os.getpid())}"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return "0"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart); None if it is not running."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+    except IndexError:
+        return "0"
+
+
+def _leftovers(output_dir: Path) -> list[Path]:
+    return [p for pattern in (".tmp-*", ".old-*") for p in output_dir.parent.glob(f".{output_dir.name}{pattern}")]
+
+
+def _is_dead(leftover: Path, output_dir: Path) -> bool:
+    """Called under the output's lock, which every merge into it holds while it writes: a leftover's owner is gone.
+    Still checked, in case the lock does not reach across hosts (some shared filesystems keep locks node-local):
+    on this host the owning process must be gone; of another host, the directory must have been unwritten for
+    STALE_FOREIGN_S (a live merge writes continuously)."""
+    host = socket.gethostname()
+    for kind in (".tmp-", ".old-"):
+        prefix = f".{output_dir.name}{kind}{host}-"
+        owner = leftover.name[len(prefix):].split("-") if leftover.name.startswith(prefix) else []
+        if len(owner) == 4:  # boot id, pid, start time, mkdtemp's random part
+            if owner[0] != _boot_id():
+                return True  # the host restarted since
+            return not owner[1].isdigit() or _start_time(int(owner[1])) != owner[2]
+    try:
+        last_write = max([leftover.stat().st_mtime] + [f.stat().st_mtime for f in leftover.iterdir()])
+    except OSError:
+        return True
+    return time.time() - last_write > STALE_FOREIGN_S
+
+
+def remove_stale(output_dir: Path) -> None:
+    """Remove the temporary directories of dead merges into output_dir (hold its lock); say how much was freed."""
+    removed, freed = 0, 0
+    for leftover in _leftovers(output_dir):
+        if _is_dead(leftover, output_dir):
+            freed += sum(f.stat().st_blocks * 512 for f in leftover.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed += 1
+    if removed:
+        print(f"openrlhf-bai: removed {removed} temporary director{'y' if removed == 1 else 'ies'} of killed merges "
+              f"into {output_dir}, {_size(freed)} freed", file=sys.stderr)
+
+
+# --- the streaming write -------------------------------------------------------------------------------------------
+
+
+def _write_merge(plan: MergePlan, out: Path, progress: bool, threads: int) -> None:
+    """Every shard: its header, then slices of ~CHUNK_ELEMENTS elements merged by a thread pool, each written with
+    pwrite at its final offset, so the bytes do not depend on the thread count or the order slices finish in.
+    At most 2 slices per thread are in flight: memory stays a few MB per thread whatever the model size."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from tqdm import tqdm
 
-    recipe, inputs = plan.recipe, plan.inputs
     bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="BAI merge",
                disable=None if progress else True)
-    weight_map = {}
-    for shard_name, entries in plan.shards:
-        with open(out / shard_name, "wb") as f:
-            f.write(io.safetensors_header([(t.name, t.shape, t.dtype) for t in entries]))
-            for t in entries:
-                weight_map[t.name] = shard_name
-                rows = io.rows_of(t.shape)
-                step = max(1, CHUNK_ELEMENTS // max(1, io.nbytes(t.shape, "U8") // max(rows, 1)))
-                for start in range(0, rows, step):
-                    stop = min(rows, start + step)
-                    if not t.merged:
-                        chunk = io.read_rows(inputs[plan.config_src], t.name, start, stop)
-                    else:
-                        chunk = _merge_rows(inputs, t, start, stop, recipe)
-                    f.write(chunk)
-                    bar.update(chunk.nbytes)
+    weight_map, fds, pending = {}, [], set()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="bai-merge")
+    try:
+        for shard_name, entries in plan.shards:
+            fds.append(os.open(out / shard_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            header = io.safetensors_header([(t.name, t.shape, t.dtype) for t in entries])
+            io.write_at(fds[-1], header, 0)
+            offset = len(header)
+            for run in _runs(plan, entries):
+                numel = sum(io.nbytes(t.shape, "U8") for t in run)
+                # Slices of whole rows where rows matter (copied tensors, rows only some inputs have).
+                row = 1 if _elementwise(run) else io.row_numel(run[0].shape)
+                step = max(1, CHUNK_ELEMENTS // row) * row
+                for start in range(0, numel, step):
+                    if len(pending) >= 2 * threads:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        bar.update(sum(f.result() for f in done))
+                    pending.add(pool.submit(_merge_slice, plan, run, start, min(start + step, numel), fds[-1], offset))
+                offset += numel * np.dtype(io.DTYPES[run[0].dtype]).itemsize
+            weight_map.update((t.name, shard_name) for t in entries)
+        bar.update(sum(f.result() for f in wait(pending).done))
+    finally:
+        pool.shutdown(cancel_futures=True)  # waits for the running slices, so nothing writes after the cleanup
+        for fd in fds:
+            os.close(fd)
     bar.close()
 
     if len(plan.shards) > 1:
         io.write_json(out / io.INDEX_NAME, {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map})
+    inputs = plan.inputs
     config = dict(inputs[plan.config_src].config)
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.out_dtype]
     io.write_json(out / "config.json", config)
@@ -277,6 +399,62 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool) -> None:
         if (inputs[plan.tokenizer_src].directory / name).is_file():
             shutil.copyfile(inputs[plan.tokenizer_src].directory / name, out / name)
     io.write_json(out / PROVENANCE, provenance(plan))
+
+
+def _elementwise(run: list[TensorPlan]) -> bool:
+    return run[0].merged and len(set(run[0].rows)) == 1
+
+
+def _runs(plan: MergePlan, entries: list[TensorPlan]):
+    """The shard's tensors in runs merged as one flat array: the arithmetic is elementwise and does not care where
+    a tensor ends, so an MoE checkpoint's thousands of small tensors cost no more than a few big ones. A run grows
+    while every input stores the next tensor right after the previous one in the same file and dtype. Tensors
+    copied from the config source, or with rows only some inputs have, go alone."""
+    run = []
+    for t in entries:
+        if run and not (_elementwise([t]) and all(_follows(c, run[-1].name, t.name) for c in plan.inputs)):
+            yield run
+            run = []
+        run.append(t)
+        if not _elementwise(run):
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def _follows(ckpt: io.Checkpoint, before: str, name: str) -> bool:
+    a, b = ckpt.tensors[before], ckpt.tensors[name]
+    return a.file == b.file and a.dtype == b.dtype and b.offset == a.offset + io.nbytes(a.shape, a.dtype)
+
+
+def _merge_slice(plan: MergePlan, run: list[TensorPlan], start: int, stop: int, fd: int, offset: int) -> int:
+    """Elements [start, stop) of a run, merged and written at their place in the shard (run at `offset`); returns
+    the bytes written. Runs in a pool thread: NumPy and pread/pwrite release the GIL."""
+    inputs, first = plan.inputs, run[0]
+    if _elementwise(run):
+        infos = [c.tensors[first.name] for c in inputs]
+        rows = [io.read_at(c, i.file, i.offset + start * np.dtype(io.DTYPES[i.dtype]).itemsize, i.dtype, stop - start,
+                           first.name) for c, i in zip(inputs, infos)]
+        chunk, finite = combine_rows(rows, [i.dtype for i in infos], list(range(len(inputs))), plan.recipe.alpha,
+                                     plan.recipe.weights(), first.dtype)
+        if not finite:  # which tensor: merge each one in the slice by itself, which names it
+            begin = 0
+            for t in run:
+                n, row = io.nbytes(t.shape, "U8"), io.row_numel(t.shape)
+                if begin < stop and start < begin + n:
+                    _merge_rows(inputs, t, max(0, start - begin) // row, -(-(min(stop, begin + n) - begin) // row),
+                                plan.recipe)
+                begin += n
+            raise BAIError(f"non-finite values after merging {_some(t.name for t in run)}")
+    else:
+        row = io.row_numel(first.shape)
+        if first.merged:
+            chunk = _merge_rows(inputs, first, start // row, stop // row, plan.recipe)
+        else:
+            chunk = io.read_rows(inputs[plan.config_src], first.name, start // row, stop // row)
+    io.write_at(fd, chunk, offset + start * chunk.itemsize)
+    return chunk.nbytes
 
 
 def _merge_rows(inputs, t: TensorPlan, start: int, stop: int, recipe: BAIRecipe) -> np.ndarray:

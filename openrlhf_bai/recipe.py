@@ -133,7 +133,9 @@ def _scaled(x: np.ndarray, c: float) -> np.ndarray:
 def to_fp32(x: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
     """Widen into `out` (float32). Exact for bf16 and fp16: a bf16 value is the top half of a float32's bits."""
     if dtype == "BF16":
-        np.left_shift(x, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+        bits = out.view(np.uint32)
+        np.copyto(bits, x)  # widen, then shift in place: faster than a shift that casts on the way
+        bits <<= np.uint32(16)
     else:
         out[...] = x
     return out
@@ -146,8 +148,12 @@ def from_fp32(acc: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F16":
         return acc.astype(np.float16)
     bits = acc.view(np.uint32)
-    bits += ((bits >> 16) & np.uint32(1)) + np.uint32(0x7FFF)
-    return (bits >> 16).astype(np.uint16)
+    odd = bits >> 16  # in place where possible: each temporary is another pass over memory
+    odd &= np.uint32(1)
+    odd += np.uint32(0x7FFF)
+    bits += odd
+    bits >>= np.uint32(16)
+    return bits.astype(np.uint16)
 
 
 def to_mergekit_yaml(recipe: BAIRecipe, out_dtype: str) -> str:

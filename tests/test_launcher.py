@@ -215,3 +215,44 @@ def test_example_scripts_merge_and_hand_openrlhf_only_its_own_flags(script, llam
     merged = Path(command[command.index("--actor.model_name_or_path") + 1])
     assert merged.parent == tmp_path / "cache" / "merged"
     assert json.loads((merged / PROVENANCE).read_text())["recipe"]["coefficients"] == pytest.approx([0.5, 0.25, 0.25])
+
+
+def test_merge_options_reach_the_merge_and_its_hash_but_threads_do_not(llama_family, tmp_path, capsys):
+    """--bai.config_from / --bai.tokenizer_from / --bai.vocab_mismatch change the output, so its cache directory;
+    --bai.threads changes neither."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    f = llama_family
+    base_args = ["--actor.model_name_or_path", "x", "--actor_init", "bai", *recipe_flags(f), "--bai.merge_only"]
+    main(base_args)
+    default = Path(command_of(capsys)[4])
+    before = file_states(default)
+    main([*base_args, "--bai.threads", "1"])
+    assert Path(command_of(capsys)[4]) == default and file_states(default) == before
+
+    main([*base_args, "--bai.config_from", str(f["sft_reasoning"]), "--bai.tokenizer_from", str(f["base"])])
+    chosen = Path(command_of(capsys)[4])
+    assert chosen != default
+    recipe = json.loads((chosen / PROVENANCE).read_text())["recipe"]
+    assert (recipe["config_from"], recipe["tokenizer_from"]) == (str(f["sft_reasoning"]), str(f["base"]))
+
+    # An SFT model that added 8 tokens: refused by default, merged with --bai.vocab_mismatch renormalize.
+    grown = tmp_path / "sft_grown"
+    shutil.copytree(f["sft_reasoning"], grown)
+    sd = load_file(str(grown / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[name] = torch.cat([sd[name], torch.zeros(8, sd[name].shape[1], dtype=sd[name].dtype)])
+    save_file(sd, str(grown / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((grown / "config.json").read_text())
+    config["vocab_size"] += 8
+    (grown / "config.json").write_text(json.dumps(config))
+    grown_args = ["--actor_init", "bai", "--bai.base", str(f["base"]), "--bai.sft", str(f["sft_instruct"]), str(grown),
+                  "--bai.config_from", str(grown), "--bai.merge_only"]
+    assert dispatcher(["train-ppo", *grown_args]) == 1
+    assert "--bai.vocab_mismatch" in capsys.readouterr().err
+    main([*grown_args, "--bai.vocab_mismatch", "renormalize"])
+    merged = Path(command_of(capsys)[4])
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == config["vocab_size"]

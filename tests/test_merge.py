@@ -1,11 +1,14 @@
 """The BAI merge engine on small real checkpoints: arithmetic, formats, provenance, reuse, and every bad input."""
 
+import errno
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -314,3 +317,121 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["openrlhf-bai: error: checkpoint not found: /no/base"]
+
+
+# --- threads, and merges that are killed or run out of disk ---------------------------------------------------------
+
+
+def test_output_is_the_same_for_any_thread_count(moe_family, llama_family, tmp_path, monkeypatch):
+    """Slices cut inside tensors and across tensor boundaries, finished in any order, give the same bytes."""
+    import openrlhf_bai.merger as merger
+
+    f = moe_family
+    recipe = BAIRecipe(base=f["base"], sft=(f["sft_instruct"], f["sft_reasoning"]), alpha=0.3, max_shard_size="100KB")
+    one = merge(recipe, tmp_path / "one", progress=False, threads=1)
+    monkeypatch.setattr(merger, "CHUNK_ELEMENTS", 1000)  # many slices per tensor, many tensors per run
+    four = merge(recipe, tmp_path / "four", progress=False, threads=4)
+    names = sorted(p.name for p in one.iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1 and names == sorted(p.name for p in four.iterdir())
+    assert all((one / n).read_bytes() == (four / n).read_bytes() for n in names)
+
+
+# A merge subprocess that stops itself (SIGSTOP) once a pool thread has written its first slice into the shard,
+# so a test can signal it at a known point mid-write.
+PAUSE_MID_WRITE = """
+import os, signal, sys, threading
+import openrlhf_bai.checkpoint_io as io
+write_at = io.write_at
+def pausing_write_at(fd, data, offset):
+    write_at(fd, data, offset)
+    if threading.current_thread() is not threading.main_thread():
+        os.kill(os.getpid(), signal.SIGSTOP)
+io.write_at = pausing_write_at
+from openrlhf_bai.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def merge_cmd(f, out, *extra):
+    return [str(a) for a in ("merge", "--base", f["base"], "--sft", f["sft_instruct"], f["sft_reasoning"],
+                             "--output", out, "--no-progress", *extra)]
+
+
+def paused_merge(f, out):
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_MID_WRITE, *merge_cmd(f, out, "--threads", "2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), proc.communicate()
+    (tmp,) = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    assert (tmp / "model.safetensors").stat().st_size > 0  # mid-write: a partial shard on disk
+    return proc, tmp
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and p.suffix != ".lock")
+
+
+def test_a_merge_killed_mid_write_leaves_nothing_once_it_runs_again(llama_family, tmp_path):
+    out = tmp_path / "bai"
+    proc, tmp = paused_merge(llama_family, out)
+    proc.kill()  # SIGKILL: no cleanup can run
+    proc.communicate()
+    assert tmp.is_dir() and not out.exists()
+
+    rerun = subprocess.run([sys.executable, "-m", "openrlhf_bai.cli.main", *merge_cmd(llama_family, out)],
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert leftovers(out) == [] and (out / "model.safetensors").is_file()
+    assert f"removed 1 temporary directory of killed merges into {out}" in rerun.stderr
+    assert " MB freed" in rerun.stderr
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_remove_the_temporary_directory(sig, code, llama_family, tmp_path):
+    out = tmp_path / "bai"
+    proc, tmp = paused_merge(llama_family, out)
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert leftovers(out) == [] and not out.exists()
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_a_disk_that_fills_mid_write_gives_one_line_and_leaves_nothing(llama_family, tmp_path, capsys, monkeypatch):
+    """The disk fills after part of the shard is written: the OS writes what fits, then refuses with ENOSPC."""
+    room = [50_000]
+    pwrite = os.pwrite
+
+    def full_disk_pwrite(fd, data, offset):
+        if room[0] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = pwrite(fd, memoryview(data)[: room[0]], offset)
+        room[0] -= n
+        return n
+
+    monkeypatch.setattr(os, "pwrite", full_disk_pwrite)
+    f = llama_family
+    out = tmp_path / "bai"
+    code, _, err = run_cli(capsys, "--base", f["base"], "--sft", f["sft_instruct"], f["sft_reasoning"], "--output", out)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"disk full while writing {out}: the merge needs " in err and "nothing was left behind" in err
+    assert leftovers(out) == [] and not out.exists()
+
+
+def test_leftovers_of_other_hosts_are_removed_only_once_nothing_writes_them(llama_family, tmp_path):
+    """A directory whose owner this host cannot check (another host on a shared filesystem, or a version that did
+    not name its owner) is removed once it has been unwritten for long: a live merge writes continuously."""
+    import openrlhf_bai.merger as merger
+
+    out = tmp_path / "bai"
+    old, recent = tmp_path / ".bai.tmp-x5k2j9q1", tmp_path / ".bai.tmp-gpu-node-7-d54a1bb4-4242-99-abcd1234"
+    for d in (old, recent):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"\0" * 4096)
+    long_ago = time.time() - merger.STALE_FOREIGN_S - 60
+    for p in (old / "model.safetensors", old):
+        os.utime(p, (long_ago, long_ago))
+    f = llama_family
+    merge(BAIRecipe(base=f["base"], sft=(f["sft_instruct"], f["sft_reasoning"])), out, progress=False)
+    assert leftovers(out) == [recent.name]

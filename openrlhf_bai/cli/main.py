@@ -20,7 +20,7 @@ COMMANDS = {
 
 
 def run(command_main, argv) -> int:
-    """Call a command; a BAIError becomes one line on stderr and exit status 1."""
+    """Call a command; a BAIError becomes one line on stderr and exit status 1, Ctrl-C exit status 130."""
     from openrlhf_bai.errors import BAIError
 
     try:
@@ -28,6 +28,9 @@ def run(command_main, argv) -> int:
     except BAIError as e:
         print(f"openrlhf-bai: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was cleaned up has said so; no traceback
+        print("openrlhf-bai: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="run every check and print the plan; write nothing")
     p.add_argument("--export-mergekit", metavar="FILE", default=None, help="also write the equivalent mergekit YAML")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads merging slices in parallel (default: the cores this process may use); "
+                        "the output is the same for every N")
     return p
 
 
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         state = "holds this merge already (would be reused)" if reuse else "would be written"
         print(f"  dry run: {output} {state}; disk needed {plan.bytes_to_write / 1e6:.1f} MB, free {free / 1e9:.1f} GB")
         return 0
-    _, reused = merge_or_reuse(recipe, output, overwrite=a.overwrite, progress=not a.no_progress, plan=plan)
+    _, reused = merge_or_reuse(recipe, output, overwrite=a.overwrite, progress=not a.no_progress, plan=plan,
+                               threads=a.threads)
     print(f"{'reused' if reused else 'wrote'} {output}")
     return 0
 

@@ -36,7 +36,7 @@ OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
 OPENRLHF_ENV_VARS = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 ACTOR_FLAGS = ("--actor.model_name_or_path", "--pretrain")  # OpenRLHF 0.11, up to 0.10
 CRITIC_FLAGS = ("--critic.model_name_or_path", "--critic_pretrain")
-RECIPE_FLAGS = ("base", "sft", "sft_weights", "output_dir")  # meaningless without --actor_init bai
+RECIPE_FLAGS = ("base", "sft", "sft_weights", "output_dir", "config_from", "tokenizer_from")  # need --actor_init bai
 
 
 def add_bai_arguments(parser, actor_init: bool = True) -> None:
@@ -66,6 +66,16 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
     parser.add_argument("--bai.materialize", choices=("shared", "per_node"), default="shared",
                         help="shared (default): merge once on the driver, into a path every node can read; "
                              "per_node: merge on every alive Ray node into the same local path, checked by recipe hash")
+    parser.add_argument("--bai.vocab_mismatch", choices=("error", "renormalize"), default="error",
+                        help="embedding rows only some inputs have (an SFT model added tokens): refuse (default), or "
+                             "merge each row over the inputs that have it")
+    parser.add_argument("--bai.config_from", default=None, metavar="PATH",
+                        help="the input (--bai.base or one of --bai.sft) that supplies config.json and "
+                             "generation_config.json (default: the first SFT model)")
+    parser.add_argument("--bai.tokenizer_from", default=None, metavar="PATH",
+                        help="the input that supplies the tokenizer files (default: the first SFT model)")
+    parser.add_argument("--bai.threads", type=int, default=None, metavar="N",
+                        help="threads of the merge (default: the cores the process may use); changes no byte of it")
     parser.add_argument("--bai.merge_only", action="store_true",
                         help="merge, print the OpenRLHF command (launcher) or the merged checkpoint (OpenRLHF's own "
                              "--actor_init) as the last line of stdout, exit")
@@ -93,8 +103,10 @@ def init_actor(args) -> None:
     sft = bai.sft or ([previous] if previous else None)
     if not sft:
         raise BAIError("--actor_init bai needs --bai.sft or an actor path (taken as the one SFT model)")
+    # Threads are not part of the recipe: they change no byte of the output, so not its hash either.
     recipe = BAIRecipe(base=bai.base, sft=tuple(sft), alpha=bai.alpha, dtype=bai.dtype,
-                       sft_weights=tuple(bai.sft_weights) if bai.sft_weights else None)
+                       sft_weights=tuple(bai.sft_weights) if bai.sft_weights else None,
+                       vocab_mismatch=bai.vocab_mismatch, config_from=bai.config_from, tokenizer_from=bai.tokenizer_from)
     merged = str(materialize(recipe, bai))
     args.actor.model_name_or_path = merged
     critic = getattr(args, "critic", None)
@@ -109,7 +121,7 @@ def materialize(recipe, bai) -> Path:
     plan = plan_merge(recipe)  # every check, reading headers only
     out = Path(bai.output_dir).expanduser().absolute() if bai.output_dir else cache_dir_for(recipe, plan)
     if bai.materialize == "shared":
-        return merge(recipe, out, overwrite=bai.overwrite, plan=plan)
+        return merge(recipe, out, overwrite=bai.overwrite, plan=plan, threads=bai.threads)
 
     # per_node: one task pinned to each alive node merges into the same local path (or finds it there).
     import ray
@@ -120,7 +132,7 @@ def materialize(recipe, bai) -> Path:
     # num_cpus=0: it must run on every node, a head node without CPUs for tasks included.
     task = ray.remote(num_cpus=0)(_merge_on_this_node)
     pinned = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)) for node in nodes]
-    results = ray.get([t.remote(recipe, str(out), bai.overwrite, plan.recipe_hash) for t in pinned])
+    results = ray.get([t.remote(recipe, str(out), bai.overwrite, plan.recipe_hash, bai.threads) for t in pinned])
     problems = []
     for node, digest, error in results:
         if error:
@@ -138,7 +150,7 @@ def materialize(recipe, bai) -> Path:
     return out
 
 
-def _merge_on_this_node(recipe, output_dir: str, overwrite: bool, expected_hash: str):
+def _merge_on_this_node(recipe, output_dir: str, overwrite: bool, expected_hash: str, threads: int | None):
     """(node id, recipe hash of this node's inputs, error message). A node whose inputs differ from the driver's
     writes nothing: the directory's name stands for the driver's recipe hash."""
     import ray
@@ -149,7 +161,7 @@ def _merge_on_this_node(recipe, output_dir: str, overwrite: bool, expected_hash:
     try:
         plan = plan_merge(recipe)
         if plan.recipe_hash == expected_hash:
-            merge(recipe, output_dir, overwrite=overwrite, progress=False, plan=plan)
+            merge(recipe, output_dir, overwrite=overwrite, progress=False, plan=plan, threads=threads)
     except BAIError as e:
         return node, None, str(e)
     return node, plan.recipe_hash, None
