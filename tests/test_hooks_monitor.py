@@ -19,7 +19,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from openrlhf_bai.errors import BAIError
-from openrlhf_bai.integration import hooks
+from openrlhf_bai.integration import hooks, worker
 from openrlhf_bai.integration.monitor import CONFIG_ENV, JSONL_NAME, STATE_KEY
 
 LENGTH = "rollout/response_length_mean"
@@ -122,7 +122,7 @@ def first_alarm(tb) -> int:
 @pytest.fixture
 def hooked(monkeypatch):
     monkeypatch.delenv(CONFIG_ENV, raising=False)
-    hooks.install_hooks()
+    worker.install_hooks()
     yield
     del hooks.CALLBACKS[1:]  # keep the built-in monitor, drop what a test registered
 
@@ -188,7 +188,7 @@ def test_resumed_run_keeps_its_baseline_through_client_states(tmp_path, hooked):
     assert [added for added, _ in second] == [added for added, _ in whole[8:]]
 
 
-def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, monkeypatch):
+def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, monkeypatch, monitor_log):
     monkeypatch.setenv(CONFIG_ENV, json.dumps({"stability": "off"}))
     args = openrlhf_args(tmp_path, run_name="off")
     added = drive(make_trainer(args), collapsing_series())
@@ -202,22 +202,29 @@ def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, mon
     assert set(tb["train/bai/length_collapse"].values()) == {0.0}
     assert first_step_at_1(tb["train/bai/hockey_stick"]) == DROP_AT
 
+    # Settings the monitor cannot use (the launcher refuses them; here they come straight from the environment):
+    # reported, not raised, and the steps are logged without the monitor.
     for bad, message in (({"smoothing": 0}, "--bai.smoothing must be in"), ("on", "must hold a JSON object")):
         monkeypatch.setenv(CONFIG_ENV, json.dumps(bad) if isinstance(bad, dict) else bad)
-        with pytest.raises(BAIError, match=message):
-            drive(make_trainer(openrlhf_args(tmp_path, run_name="bad")), collapsing_series()[:1])
+        monitor_log.clear()
+        args = openrlhf_args(tmp_path, run_name=f"bad-{bad}")
+        drive(make_trainer(args), collapsing_series()[:3])
+        tb = tensorboard_scalars(args)
+        assert tb["train/bai/monitor_errors"] == {1: 1.0, 2: 2.0, 3: 3.0} and len(tb[f"train/{REWARD}"]) == 3
+        assert [r.getMessage() for r in monitor_log.records if message in r.getMessage()] != []
+        assert len(monitor_log.records) == 1
 
 
 def test_install_is_idempotent_and_user_callbacks_come_from_the_registry_and_entry_points(tmp_path, hooked, monkeypatch):
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 
-    hooks.install_hooks()
+    worker.install_hooks()
     wrapper = BasePPOTrainer.save_logs_and_checkpoints
     assert not getattr(wrapper.__wrapped__, "_openrlhf_bai", False)  # wrapped once, not twice
 
     site = write_callback_distribution(tmp_path / "site")
     monkeypatch.syspath_prepend(str(site))
-    hooks.install_hooks()
+    worker.install_hooks()
     seen = []
     hooks.register_callback(lambda trainer, step, logs, states: seen.append(step))
     with pytest.raises(BAIError, match="must be callable"):
@@ -245,12 +252,12 @@ def write_callback_distribution(site):
 
 def test_ray_runtime_env_keeps_the_users_env_and_refuses_a_second_hook():
     user = {"env_vars": {"A": "1"}, "pip": ["x"]}
-    env = hooks.ray_runtime_env(user)
-    assert env == {"env_vars": {"A": "1"}, "pip": ["x"], "worker_process_setup_hook": hooks.SETUP_HOOK}
+    env = worker.ray_runtime_env(user)
+    assert env == {"env_vars": {"A": "1"}, "pip": ["x"], "worker_process_setup_hook": worker.SETUP_HOOK}
     assert user == {"env_vars": {"A": "1"}, "pip": ["x"]}
-    assert hooks.ray_runtime_env(env) == env
+    assert worker.ray_runtime_env(env) == env
     with pytest.raises(BAIError, match="already has worker_process_setup_hook"):
-        hooks.ray_runtime_env({"worker_process_setup_hook": "my.hook"})
+        worker.ray_runtime_env({"worker_process_setup_hook": "my.hook"})
 
 
 # ------------------------------------------------------------------ inside Ray workers that got only ray_runtime_env()
@@ -265,7 +272,7 @@ def ray_with_hooks(tmp_path_factory):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
                 CONFIG_ENV: json.dumps({"on_collapse": "stop"})}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=hooks.ray_runtime_env({"env_vars": env_vars}))
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=worker.ray_runtime_env({"env_vars": env_vars}))
     yield ray
     ray.shutdown()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -348,7 +355,7 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
     # case), here the driver: it reports itself exhausted; the healthy run's generator does not.
     from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 
-    hooks.install_hooks()
+    worker.install_hooks()
     for run_name, expected in (("collapsing", ([], None, 0, True)), ("healthy", (["rollout"], None, 0, True))):
         generator = SamplesGenerator(SimpleNamespace(args=openrlhf_args(tmp_path, run_name)), None, None, None, None)
         generator._dataloader_iter, generator._sample_buffer = None, ["rollout"]

@@ -14,7 +14,7 @@ from openrlhf_bai.cli.main import main as dispatcher
 from openrlhf_bai.cli.train_ppo_ray import main
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration import launcher
-from openrlhf_bai.integration.hooks import SETUP_HOOK
+from openrlhf_bai.integration.worker import SETUP_HOOK
 from openrlhf_bai.integration.monitor import CONFIG_ENV
 from openrlhf_bai.merger import PROVENANCE, cache_root
 
