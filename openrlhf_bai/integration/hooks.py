@@ -75,7 +75,7 @@ def install_hooks(*builtin) -> None:
 
 def _failed_to_load(name, error):
     def callback(trainer, global_step, logs_dict, client_states):
-        raise BAIError(f"trainer callback {name} failed to load: {type(error).__name__}: {error}") from error
+        raise BAIError(f"failed to load: {type(error).__name__}: {error}") from error
 
     callback.__name__ = callback.__qualname__ = name
     return callback
