@@ -1,5 +1,5 @@
 # The two set-up commands of the README: `make demo` (main job on built-in toy checkpoints) and `make test`.
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench bench-monitor
 setup:
 	bash scripts/setup.sh
 demo: setup
@@ -8,3 +8,5 @@ test: setup
 	.venv/bin/python -m pytest -q tests
 bench: setup
 	.venv/bin/python benchmarks/bench_merge.py
+bench-monitor: setup
+	.venv/bin/python benchmarks/bench_monitor.py

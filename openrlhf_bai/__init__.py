@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BAIRecipe": "openrlhf_bai.recipe",
     "merge": "openrlhf_bai.merger",
-    "install_hooks": "openrlhf_bai.integration.hooks",
-    "ray_runtime_env": "openrlhf_bai.integration.hooks",
+    "install_hooks": "openrlhf_bai.integration.worker",
+    "ray_runtime_env": "openrlhf_bai.integration.worker",
     "register_callback": "openrlhf_bai.integration.hooks",
 }
 __all__ = [*_EXPORTS, "__version__"]

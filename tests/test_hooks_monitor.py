@@ -1,4 +1,5 @@
-"""The trainer hooks and the stability monitor, driven through OpenRLHF 0.11.2's own trainer code.
+"""The trainer hooks and the stability monitor, driven through OpenRLHF 0.11.2's own trainer code; the monitor never
+harms the training it watches, and alerts.
 
 BasePPOTrainer instances are built with OpenRLHF's real __init__ (strategy = a namespace holding args, as
 DeepspeedStrategy does); their save_logs_and_checkpoints writes through OpenRLHF's real TensorboardLogger and the
@@ -7,19 +8,25 @@ PolicyModelActors whose save_checkpoint runs DeepSpeed on GPUs: it records each 
 """
 
 import argparse
+import http.server
 import json
 import logging
 import os
 import random
+import socket
 import sys
 import textwrap
+import threading
+import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from openrlhf_bai.errors import BAIError
-from openrlhf_bai.integration import hooks
+from openrlhf_bai.integration import hooks, worker
 from openrlhf_bai.integration.monitor import CONFIG_ENV, JSONL_NAME, STATE_KEY
 
 LENGTH = "rollout/response_length_mean"
@@ -122,7 +129,7 @@ def first_alarm(tb) -> int:
 @pytest.fixture
 def hooked(monkeypatch):
     monkeypatch.delenv(CONFIG_ENV, raising=False)
-    hooks.install_hooks()
+    worker.install_hooks()
     yield
     del hooks.CALLBACKS[1:]  # keep the built-in monitor, drop what a test registered
 
@@ -188,7 +195,7 @@ def test_resumed_run_keeps_its_baseline_through_client_states(tmp_path, hooked):
     assert [added for added, _ in second] == [added for added, _ in whole[8:]]
 
 
-def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, monkeypatch):
+def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, monkeypatch, monitor_log):
     monkeypatch.setenv(CONFIG_ENV, json.dumps({"stability": "off"}))
     args = openrlhf_args(tmp_path, run_name="off")
     added = drive(make_trainer(args), collapsing_series())
@@ -202,22 +209,29 @@ def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, mon
     assert set(tb["train/bai/length_collapse"].values()) == {0.0}
     assert first_step_at_1(tb["train/bai/hockey_stick"]) == DROP_AT
 
+    # Settings the monitor cannot use (the launcher refuses them; here they come straight from the environment):
+    # reported, not raised, and the steps are logged without the monitor.
     for bad, message in (({"smoothing": 0}, "--bai.smoothing must be in"), ("on", "must hold a JSON object")):
         monkeypatch.setenv(CONFIG_ENV, json.dumps(bad) if isinstance(bad, dict) else bad)
-        with pytest.raises(BAIError, match=message):
-            drive(make_trainer(openrlhf_args(tmp_path, run_name="bad")), collapsing_series()[:1])
+        monitor_log.clear()
+        args = openrlhf_args(tmp_path, run_name=f"bad-{bad}")
+        drive(make_trainer(args), collapsing_series()[:3])
+        tb = tensorboard_scalars(args)
+        assert tb["train/bai/monitor_errors"] == {1: 1.0, 2: 2.0, 3: 3.0} and len(tb[f"train/{REWARD}"]) == 3
+        assert [r.getMessage() for r in monitor_log.records if message in r.getMessage()] != []
+        assert len(monitor_log.records) == 1
 
 
 def test_install_is_idempotent_and_user_callbacks_come_from_the_registry_and_entry_points(tmp_path, hooked, monkeypatch):
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 
-    hooks.install_hooks()
+    worker.install_hooks()
     wrapper = BasePPOTrainer.save_logs_and_checkpoints
     assert not getattr(wrapper.__wrapped__, "_openrlhf_bai", False)  # wrapped once, not twice
 
     site = write_callback_distribution(tmp_path / "site")
     monkeypatch.syspath_prepend(str(site))
-    hooks.install_hooks()
+    worker.install_hooks()
     seen = []
     hooks.register_callback(lambda trainer, step, logs, states: seen.append(step))
     with pytest.raises(BAIError, match="must be callable"):
@@ -245,12 +259,12 @@ def write_callback_distribution(site):
 
 def test_ray_runtime_env_keeps_the_users_env_and_refuses_a_second_hook():
     user = {"env_vars": {"A": "1"}, "pip": ["x"]}
-    env = hooks.ray_runtime_env(user)
-    assert env == {"env_vars": {"A": "1"}, "pip": ["x"], "worker_process_setup_hook": hooks.SETUP_HOOK}
+    env = worker.ray_runtime_env(user)
+    assert env == {"env_vars": {"A": "1"}, "pip": ["x"], "worker_process_setup_hook": worker.SETUP_HOOK}
     assert user == {"env_vars": {"A": "1"}, "pip": ["x"]}
-    assert hooks.ray_runtime_env(env) == env
+    assert worker.ray_runtime_env(env) == env
     with pytest.raises(BAIError, match="already has worker_process_setup_hook"):
-        hooks.ray_runtime_env({"worker_process_setup_hook": "my.hook"})
+        worker.ray_runtime_env({"worker_process_setup_hook": "my.hook"})
 
 
 # ------------------------------------------------------------------ inside Ray workers that got only ray_runtime_env()
@@ -265,7 +279,7 @@ def ray_with_hooks(tmp_path_factory):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
                 CONFIG_ENV: json.dumps({"on_collapse": "stop"})}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env=hooks.ray_runtime_env({"env_vars": env_vars}))
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env=worker.ray_runtime_env({"env_vars": env_vars}))
     yield ray
     ray.shutdown()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -348,7 +362,7 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
     # case), here the driver: it reports itself exhausted; the healthy run's generator does not.
     from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
 
-    hooks.install_hooks()
+    worker.install_hooks()
     for run_name, expected in (("collapsing", ([], None, 0, True)), ("healthy", (["rollout"], None, 0, True))):
         generator = SamplesGenerator(SimpleNamespace(args=openrlhf_args(tmp_path, run_name)), None, None, None, None)
         generator._dataloader_iter, generator._sample_buffer = None, ["rollout"]
@@ -369,3 +383,218 @@ def test_on_collapse_stop_ends_ppotrainer_fit_cleanly(tmp_path, ray_with_hooks):
     assert result["saves"] == [f"global_step{stop}"]
     assert result["buffer_left"] == STEPS - stop  # the loop ended with rollouts left, not by running out
     assert max(tb["train/rollout/reward_mean"]) == stop
+
+
+# ------------------------------------------------------------------ never harm: failures are reported, steps go on
+# The same real trainer, loggers (wandb offline, see conftest) and checkpoint stand-in; alerts over real HTTP to
+# servers on 127.0.0.1.
+
+SAFETY_STEPS = 16
+
+
+def odd(rows):
+    """The series with values of every type OpenRLHF's TensorboardLogger accepts, as a trainer may log them."""
+    rows = [dict(r) for r in rows]
+    rows[1][LENGTH] = np.float32(rows[1][LENGTH])
+    rows[2][REWARD] = torch.tensor(rows[2][REWARD])
+    rows[3][LENGTH] = torch.tensor([rows[3][LENGTH]])  # one element, one dimension
+    for r in rows:
+        r.update({"clip_ratio": np.float64(0.1), "tokens": np.int64(7), "truncated": True, "kl": float("inf"),
+                  "lr": "1e-6", "eval_pass1": None, "generated_samples": ("an answer", 0.5)})
+    return rows
+
+
+def unwritable(tmp_path):
+    """A ckpt.path below a regular file: not writable even by root."""
+    (tmp_path / "a-file").write_text("")
+    return str(tmp_path / "a-file" / "ckpt")
+
+
+def broken_callbacks(site):
+    """A user's package: one callback that raises at every step, one entry point that cannot be imported."""
+    dist = site / "broken_bai_callbacks-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-bai-callbacks\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[openrlhf_bai.callbacks]\nbuggy = broken_bai_callbacks:buggy\n"
+                                           "missing = no_such_module_anywhere:callback\n")
+    (site / "broken_bai_callbacks.py").write_text(textwrap.dedent("""
+        def buggy(trainer, global_step, logs_dict, client_states):
+            logs_dict["user/before_the_bug"] = global_step
+            return 1 / 0
+    """))
+    return site
+
+
+def test_unwritable_ckpt_path_odd_values_and_failing_callbacks_never_stop_a_step(
+        tmp_path, hooked, monitor_log, monkeypatch, ray_with_hooks):  # Ray: OpenRLHF's save path ray.get()s
+    monkeypatch.syspath_prepend(str(broken_callbacks(tmp_path / "site")))
+    worker.install_hooks()
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"on_collapse": "save"}))
+    args = openrlhf_args(tmp_path, run_name="odd", **{"ckpt.path": unwritable(tmp_path)})
+    group = RecordingActorGroup()
+    rows = odd(collapsing_series()[:SAFETY_STEPS])
+    drive(make_trainer(args, actor_group=group), rows)  # raises nothing
+    tb = tensorboard_scalars(args)
+
+    every = set(range(1, SAFETY_STEPS + 1))
+    for key in (LENGTH, REWARD, "clip_ratio", "tokens", "truncated", "kl", "lr", "policy_loss", "user/before_the_bug"):
+        assert set(tb[f"train/{key}"]) == every, key  # OpenRLHF's own metrics and the user's, at every step
+    assert tb[f"train/{LENGTH}"][2] == pytest.approx(float(rows[1][LENGTH]))
+    # The monitor's metrics still reach TensorBoard although its JSONL file cannot be written ...
+    assert set(tb["train/bai/response_length_ratio"]) == set(range(5, SAFETY_STEPS + 1))
+    # ... and each detection still saves a checkpoint through OpenRLHF's own save code.
+    detected = sorted({first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"])})
+    assert [kw["tag"] for name, kw in group.calls if name == "save_checkpoint"] == [f"global_step{s}" for s in detected]
+    # Three failures a step (the JSONL file, the buggy callback, the entry point that does not load), counted.
+    assert tb["train/bai/monitor_errors"] == {s: 3.0 * s for s in every}
+
+    errors = [r.getMessage() for r in monitor_log.records if r.levelname == "ERROR"]
+    assert len(errors) == 3  # each logged once, with its reason
+    assert any(m.startswith("[openrlhf-bai] stability_monitor failed: NotADirectoryError") for m in errors)
+    assert any(m.startswith("[openrlhf-bai] buggy failed: ZeroDivisionError") for m in errors)
+    assert any(m.startswith("[openrlhf-bai] missing = no_such_module_anywhere:callback failed: BAIError: failed to load: "
+                        "ModuleNotFoundError") for m in errors)
+
+
+def test_values_the_detectors_cannot_read_are_skipped_not_failures(tmp_path, hooked):
+    """Text, nested dicts, lists and multi-element tensors (wandb logs them; the monitor reads none of them)."""
+    args = openrlhf_args(tmp_path, run_name="text", **{"logger.tensorboard_dir": None})
+    rows = healthy_series()[:8]
+    for row, value in zip(rows[5:], ("long", {"mean": 900.0}, torch.tensor([900.0, 950.0]))):
+        row[LENGTH] = value
+        row["samples"] = ["a", "b"]
+    added = drive_without_tensorboard(make_trainer(args), rows)
+    assert all("bai/monitor_errors" not in a for a in added)
+    assert [("bai/response_length_ratio" in a) for a in added] == [False] * 4 + [True] + [False] * 3
+    jsonl = [json.loads(line) for line in open(os.path.join(args.ckpt.path, JSONL_NAME))]
+    assert [r["step"] for r in jsonl] == list(range(1, 9)) and LENGTH not in jsonl[6] and "samples" not in jsonl[6]
+
+
+def drive_without_tensorboard(trainer, rows):
+    added = []
+    for step, metrics in enumerate(rows, 1):
+        logs = dict(metrics)
+        trainer.save_logs_and_checkpoints(step, logs, {"global_step": step})
+        added.append({k: v for k, v in logs.items() if k not in metrics})
+    return added
+
+
+def test_strict_callbacks_makes_user_callbacks_fatal_but_not_the_monitor(tmp_path, hooked, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"strict_callbacks": True}))
+    args = openrlhf_args(tmp_path, run_name="strict", **{"ckpt.path": unwritable(tmp_path)})
+    trainer = make_trainer(args)
+    trainer.save_logs_and_checkpoints(1, {LENGTH: 1000.0}, {})  # the monitor's own failure: reported, not raised
+    assert trainer._bai_errors["count"] == 1
+
+    hooks.register_callback(lambda trainer, step, logs, states: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        trainer.save_logs_and_checkpoints(2, {LENGTH: 1000.0}, {})
+
+    # An entry point that does not load is a user callback's failure too.
+    del hooks.CALLBACKS[1:]
+    monkeypatch.syspath_prepend(str(broken_callbacks(tmp_path / "site")))
+    worker.install_hooks()
+    with pytest.raises((BAIError, ZeroDivisionError)):
+        make_trainer(openrlhf_args(tmp_path, run_name="strict2")).save_logs_and_checkpoints(1, {}, {})
+
+
+# ------------------------------------------------------------------------------------------------------- alerts
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.posts.append((self.headers["Content-Type"], json.loads(body)))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    server.posts = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def wait_for_alerts():
+    for thread in threading.enumerate():
+        if thread.name == "openrlhf-bai-alert":
+            thread.join(10)
+
+
+def test_one_json_post_per_detection_and_a_wandb_alert_on_openrlhfs_run(tmp_path, hooked, monkeypatch, webhook):
+    import wandb
+
+    url = f"http://127.0.0.1:{webhook.server_address[1]}/hook"
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"alert_url": url, "on_collapse": "warn"}))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    # OpenRLHF's own WandbLogger (wandb offline, see conftest) opens the run; its alerts are recorded on the way.
+    args = openrlhf_args(tmp_path, run_name="alerting", **{"logger.wandb.key": "offline-key", "logger.wandb.org": None,
+                                                           "logger.wandb.project": "bai", "logger.wandb.group": None})
+    trainer = make_trainer(args)
+    run_alerts = []
+    real_alert = wandb.run.alert
+    monkeypatch.setattr(wandb.run, "alert", lambda **kw: run_alerts.append(kw) or real_alert(**kw))
+    try:
+        drive(trainer, collapsing_series())
+    finally:
+        trainer.wandb_logger.close()
+    wait_for_alerts()
+
+    tb = tensorboard_scalars(args)
+    detections = {"length_collapse": tb["train/bai/length_collapse"], "hockey_stick": tb["train/bai/hockey_stick"]}
+    expected = {name: min(s for s, v in series.items() if v == 1.0) for name, series in detections.items()}
+    assert sorted((p["detector"], p["step"]) for _, p in webhook.posts) == sorted(expected.items())
+    for content_type, post in webhook.posts:
+        assert content_type == "application/json"
+        assert post["text"] == post["content"] and post["text"].startswith(f"[openrlhf-bai] alerting, step {post['step']}: ")
+        assert post["run"] == "alerting" and post["ckpt_path"] == args.ckpt.path and post["action"] == "warn"
+        assert post["text"].endswith("--bai.on_collapse warn: training goes on")
+        assert all(isinstance(v, float) for v in post["values"].values()) and post["values"]
+    collapse = next(p for _, p in webhook.posts if p["detector"] == "length_collapse")
+    assert collapse["values"]["response_length_ratio"] < 0.6
+
+    assert [(a["title"], a["level"]) for a in run_alerts] == [
+        (f"openrlhf-bai: {p['detector']}", wandb.AlertLevel.WARN) for _, p in sorted(webhook.posts, key=lambda x: x[1]["step"])]
+    assert {a["text"] for a in run_alerts} == {p["text"] for _, p in webhook.posts}
+
+
+def test_a_healthy_run_sends_no_alert(tmp_path, hooked, monkeypatch, webhook):
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"alert_url": f"http://127.0.0.1:{webhook.server_address[1]}/"}))
+    drive(make_trainer(openrlhf_args(tmp_path, run_name="healthy")), healthy_series())
+    wait_for_alerts()
+    assert webhook.posts == []
+
+
+@pytest.mark.parametrize("server", ["hangs", "refuses"])
+def test_an_alert_server_that_hangs_or_refuses_does_not_hold_up_a_step(tmp_path, hooked, monkeypatch, monitor_log,
+                                                                       server):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    if server == "hangs":
+        sock.listen(8)  # connections complete in the backlog, nobody ever answers
+    else:
+        sock.close()  # nothing listens: connection refused
+    timeout = 0.5
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"alert_url": f"http://127.0.0.1:{port}/", "alert_timeout": timeout}))
+    trainer = make_trainer(openrlhf_args(tmp_path, run_name=server))
+    slowest = 0.0
+    for step, metrics in enumerate(collapsing_series(), 1):
+        start = time.perf_counter()
+        trainer.save_logs_and_checkpoints(step, dict(metrics), {})
+        slowest = max(slowest, time.perf_counter() - start)
+    trainer.tensorboard_logger.close()
+    assert slowest < timeout  # the POSTs wait in their own threads, not in the step
+    wait_for_alerts()
+    sock.close()
+    assert trainer._bai_errors["count"] == 2  # both detections' alerts failed, after one retry each
+    errors = [r.getMessage() for r in monitor_log.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("[openrlhf-bai] alert to 127.0.0.1 failed")

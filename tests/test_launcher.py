@@ -14,7 +14,7 @@ from openrlhf_bai.cli.main import main as dispatcher
 from openrlhf_bai.cli.train_ppo_ray import main
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration import launcher
-from openrlhf_bai.integration.hooks import SETUP_HOOK
+from openrlhf_bai.integration.worker import SETUP_HOOK
 from openrlhf_bai.integration.monitor import CONFIG_ENV
 from openrlhf_bai.merger import PROVENANCE, cache_root
 
@@ -101,11 +101,13 @@ def test_init_actor_on_openrlhfs_hierarchized_args(llama_family, tmp_path):
     args = hierarchize(parser.parse_args([
         "--actor.model_name_or_path", sft, "--critic.model_name_or_path", sft, "--actor.init", "bai",
         "--bai.base", str(llama_family["base"]), "--bai.output_dir", str(tmp_path / "m"), "--bai.patience", "4",
+        "--bai.strict_callbacks", "--bai.alert_url", "https://hooks.slack.com/services/T0/B0/X",
     ]))
     launcher.init_actor(args)
     assert args.actor.model_name_or_path == args.critic.model_name_or_path == str(tmp_path / "m")
     assert json.loads((tmp_path / "m" / PROVENANCE).read_text())["recipe"]["sft"] == [sft]
     assert args.bai.patience == 4 and args.bai.on_collapse == "warn"  # what the monitor reads from trainer.args.bai
+    assert args.bai.strict_callbacks is True and args.bai.alert_url.startswith("https://") and args.bai.alert_timeout == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -113,6 +115,8 @@ def test_init_actor_on_openrlhfs_hierarchized_args(llama_family, tmp_path):
     (["--bai.base", "b", "--bai.sft", "s"], "--bai.base --bai.sft given without --actor_init bai"),
     (["--bai.collapse_ratio", "1.5"], "--bai.collapse_ratio must be in (0, 1)"),
     (["--bai.patience", "0"], "--bai.patience must be an integer >= 1"),
+    (["--bai.alert_url", "hooks.slack.com/services/T0/B0/X"], "--bai.alert_url must be an http:// or https:// URL"),
+    (["--bai.alert_timeout", "0"], "--bai.alert_timeout must be in (0, 60] seconds"),
     (["--actor_init", "bai", "--bai.base", "b", "--pretrain", "a", "--actor.model_name_or_path", "a"], "use one"),
     (["--actor_init", "bai", "--bai.base", "b", "--bai.sft", "s1", "s2", "--bai.sft_weights", "1"], "2 SFT models"),
     (["--actor_init", "bai", "--bai.base", "/no/such/base", "--bai.sft", "/no/such/sft"], "checkpoint not found"),
@@ -171,10 +175,13 @@ def test_launch_starts_ray_with_the_hooks_then_runs_openrlhfs_own_cli(llama_fami
         with pytest.raises(AssertionError, match="number of sample batches must be greater"):
             main(["--actor.model_name_or_path", sft, "--actor_init", "bai", *recipe_flags(llama_family),
                   "--reward.model_name_or_path", sft, "--bai.hockey_drawdown", "4", "--rollout.batch_size", "1",
-                  "--rollout.micro_batch_size", "8", "--actor.num_gpus_per_node", "8"])
+                  "--rollout.micro_batch_size", "8", "--actor.num_gpus_per_node", "8",
+                  "--bai.alert_url", "http://127.0.0.1:9/hook", "--bai.alert_timeout", "1", "--bai.strict_callbacks"])
         env_vars = ray.get_runtime_context().runtime_env["env_vars"]
         assert env_vars["NCCL_DEBUG"] == "INFO" and env_vars["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
-        assert json.loads(env_vars[CONFIG_ENV])["hockey_drawdown"] == 4
+        monitor = json.loads(env_vars[CONFIG_ENV])
+        assert monitor["hockey_drawdown"] == 4 and monitor["strict_callbacks"] is True
+        assert monitor["alert_url"] == "http://127.0.0.1:9/hook" and monitor["alert_timeout"] == 1
         assert SETUP_HOOK in env_vars.values()  # Ray keeps a module-path setup hook as an env var
         assert sys.argv == argv_before
     finally:

@@ -1,30 +1,32 @@
-"""Trainer hooks: callbacks that see every step OpenRLHF's PPO trainer logs, in every Ray worker.
+"""Trainer hooks: callbacks that see every step OpenRLHF's PPO trainer logs, guarded so they never end the training.
 
-install_hooks()            wraps BasePPOTrainer.save_logs_and_checkpoints, the one method both PPOTrainer.fit and
+install_hooks(*builtin)    wraps BasePPOTrainer.save_logs_and_checkpoints, the one method both PPOTrainer.fit and
                            the async TrainingActor.fit call once per step, so each registered callback sees the step's
-                           logs before wandb and TensorBoard do (and may add keys to them).
-ray_runtime_env(env)       the user's runtime_env plus `worker_process_setup_hook`, so every Ray worker of the job
-                           runs worker_setup(): flash-attn made importable, then install_hooks() once OpenRLHF's
-                           trainer module is imported (a vLLM worker never imports it and never pays for it).
-register_callback(fn)      fn(trainer, global_step, logs_dict, client_states) -> None; users' callbacks can also
-                           come from the entry-point group `openrlhf_bai.callbacks`.
+                           logs before wandb and TensorBoard do (and may add keys to them); registers `builtin` (the
+                           caller's own callbacks, first), then the entry points of `openrlhf_bai.callbacks`.
+run_callbacks(...)         runs them; a callback that raises is reported (report_error) and the step goes on. Only
+                           a user callback raises through, and only with trainer.bai_strict_callbacks set.
+report_error(t, who, e)    logs a failure once per who-and-reason through OpenRLHF's logger, counts every one in
+                           the step's bai/monitor_errors.
+register_callback(fn)      fn(trainer, global_step, logs_dict, client_states) -> None.
 request_checkpoint(t)      ask for an OpenRLHF checkpoint at this step (OpenRLHF's own save code runs it).
 request_stop(t)            end PPOTrainer.fit / the async generator loop as if the prompts had run out.
+
+This module knows no particular callback: worker.py installs it with the stability monitor (monitor.py), which
+imports it for the requests and report_error.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
-import sys
-from types import SimpleNamespace
+import os
 
 from openrlhf_bai.errors import BAIError
 
-SETUP_HOOK = "openrlhf_bai.integration.hooks.worker_setup"
 ENTRY_POINT_GROUP = "openrlhf_bai.callbacks"
-TRAINER_MODULE = "openrlhf.trainer.ppo_trainer"
-CALLBACKS: list = []  # called in order; the built-in stability monitor is first
+CALLBACKS: list = []  # called in order; install_hooks' built-in callbacks first
+BUILTIN: list = []  # the plugin's own: their failures are never fatal, --bai.strict_callbacks or not
+ERRORS_METRIC = "bai/monitor_errors"
 
 
 def register_callback(callback):
@@ -36,11 +38,9 @@ def register_callback(callback):
     return callback
 
 
-def install_hooks() -> None:
-    """Wrap OpenRLHF's trainer methods (once per process) and register the built-in and entry-point callbacks."""
+def install_hooks(*builtin) -> None:
+    """Wrap OpenRLHF's trainer methods (once per process); register `builtin`, then the entry-point callbacks."""
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
-
-    from openrlhf_bai.integration.monitor import stability_monitor
 
     if not hasattr(BasePPOTrainer, "restore_best_checkpoint_state"):
         raise BAIError(
@@ -57,12 +57,64 @@ def install_hooks() -> None:
 
         SamplesGenerator.generate_samples = _wrap_generate_samples(SamplesGenerator.generate_samples)
 
-    register_callback(stability_monitor)
+    for callback in builtin:
+        if callback not in CALLBACKS:
+            CALLBACKS.insert(len(BUILTIN), callback)
+            BUILTIN.append(callback)
+    loaded = {getattr(callback, "__name__", None) for callback in CALLBACKS}
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             register_callback(entry_point.load())
         except Exception as e:
-            raise BAIError(f"trainer callback {entry_point.name} = {entry_point.value} failed to load: {e}") from e
+            # Not raised here (a Ray worker's setup hook would die of it): a callback that raises it at every step,
+            # so the guard reports it like any failing callback, or raises it under --bai.strict_callbacks.
+            name = f"{entry_point.name} = {entry_point.value}"
+            if name not in loaded:
+                register_callback(_failed_to_load(name, e))
+
+
+def _failed_to_load(name, error):
+    def callback(trainer, global_step, logs_dict, client_states):
+        raise BAIError(f"failed to load: {type(error).__name__}: {error}") from error
+
+    callback.__name__ = callback.__qualname__ = name
+    return callback
+
+
+def run_callbacks(trainer, global_step, logs_dict, client_states) -> None:
+    """Every registered callback on this step. A failure is reported and the next callback runs: the step's own
+    metrics, checkpoint and stop requests go on. trainer.bai_strict_callbacks (the monitor sets it from
+    --bai.strict_callbacks) lets a user callback's failure end the step; the plugin's own never does."""
+    for callback in list(CALLBACKS):
+        try:
+            callback(trainer, global_step, logs_dict, client_states)
+        except Exception as e:
+            if callback not in BUILTIN and trainer.__dict__.get("bai_strict_callbacks"):
+                raise
+            report_error(trainer, getattr(callback, "__qualname__", repr(callback)), e)
+    errors = trainer.__dict__.get("_bai_errors")
+    if errors:  # cumulative, from the first failure on, so wandb and TensorBoard show it
+        logs_dict[ERRORS_METRIC] = errors["count"]
+
+
+def report_error(trainer, who: str, error: BaseException) -> None:
+    """Count `error` in bai/monitor_errors; log it (with its traceback) the first time `who` fails this way, a way
+    being the exception's type and the line that raised it, so a failure repeated at every step is logged once."""
+    errors = trainer.__dict__.setdefault("_bai_errors", {"count": 0, "logged": set()})
+    errors["count"] += 1
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb else "?"
+    reason = (who, type(error).__name__, where)
+    if reason in errors["logged"]:
+        return
+    errors["logged"].add(reason)
+    from openrlhf.utils.logging_utils import init_logger
+
+    init_logger("openrlhf_bai").error(
+        f"[openrlhf-bai] {who} failed: {type(error).__name__}: {error} ({where}); training goes on, this failure is "
+        f"not logged again, every failure is counted in {ERRORS_METRIC}", exc_info=error)
 
 
 def _wrap_save_logs(original):
@@ -70,8 +122,7 @@ def _wrap_save_logs(original):
         # Fresh dicts where the caller passed none, so that callbacks' additions reach the loggers and the save.
         logs_dict = {} if logs_dict is None else logs_dict
         client_states = {} if client_states is None else client_states
-        for callback in list(CALLBACKS):
-            callback(self, global_step, logs_dict, client_states)
+        run_callbacks(self, global_step, logs_dict, client_states)
         if not self.__dict__.pop("_bai_checkpoint_requested", False):
             return original(self, global_step, logs_dict, client_states)
         # A save step for this one call: OpenRLHF's own code writes the checkpoint (tag, client_states, critic,
@@ -134,45 +185,3 @@ def stop_requested(args) -> bool:
     from ray.experimental.internal_kv import _internal_kv_get
 
     return ray.is_initialized() and _internal_kv_get(_stop_key(args)) is not None
-
-
-def ray_runtime_env(runtime_env: dict | None = None) -> dict:
-    """`runtime_env` (not modified) plus the worker setup hook that installs the trainer hooks in every worker."""
-    env = {**(runtime_env or {})}
-    if "env_vars" in env:
-        env["env_vars"] = dict(env["env_vars"])
-    existing = env.get("worker_process_setup_hook")
-    if existing not in (None, SETUP_HOOK):
-        raise BAIError(f"runtime_env already has worker_process_setup_hook {existing!r}; "
-                       f"Ray takes one, so call {SETUP_HOOK}() from it")
-    env["worker_process_setup_hook"] = SETUP_HOOK
-    return env
-
-
-def worker_setup() -> None:
-    """Ray's worker_process_setup_hook (see ray_runtime_env)."""
-    from openrlhf_bai.integration.flash_attn_cpu import make_flash_attn_importable
-
-    make_flash_attn_importable()
-    if TRAINER_MODULE in sys.modules:
-        install_hooks()
-        return
-
-    # Install right after the trainer module is first imported. Importing it here would pull deepspeed into
-    # every worker, vLLM's included, which OpenRLHF keeps apart on purpose (see openrlhf/trainer/__init__.py).
-    def find_spec(name, path=None, target=None):
-        if name != TRAINER_MODULE:
-            return None
-        sys.meta_path.remove(finder)
-        spec = importlib.util.find_spec(name)
-        exec_module = spec.loader.exec_module
-
-        def exec_then_install(module):
-            exec_module(module)
-            install_hooks()
-
-        spec.loader.exec_module = exec_then_install
-        return spec
-
-    finder = SimpleNamespace(find_spec=find_spec)
-    sys.meta_path.insert(0, finder)

@@ -6,7 +6,7 @@ run(argv), top to bottom:
                     actor, and a critic that is the actor, at it; a patched OpenRLHF parser calls the same function
   rewrite argv      --actor.model_name_or_path (0.11) or --pretrain (up to 0.10), and the critic's flag
   merge_only        print the OpenRLHF command, shell-quoted, and stop
-  start_ray         OpenRLHF's runtime_env env_vars + the worker setup hook (hooks.py) + the monitor's settings
+  start_ray         OpenRLHF's runtime_env env_vars + the worker setup hook (worker.py) + the monitor's settings
   runpy             OpenRLHF's own openrlhf.cli.train_ppo_ray as __main__: its parser, its checks, its train()
 
 Everything happens before OpenRLHF creates a Ray actor, a vLLM engine or a DeepSpeed engine, so the actor, the
@@ -83,7 +83,16 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
                         help="the stability monitor in the trainer (default on)")
     parser.add_argument("--bai.on_collapse", choices=ON_COLLAPSE, default="warn",
                         help="when a detector fires: warn (default), save an OpenRLHF checkpoint, "
-                             "or stop (save, then end training)")
+                             "or stop (save, then end training); the same for every detector")
+    parser.add_argument("--bai.alert_url", default=None, metavar="URL",
+                        help="POST each detection as JSON from the trainer to this URL: a Slack or Discord incoming "
+                             "webhook ({\"text\": ...}, {\"content\": ...}) or your own service (default: none)")
+    parser.add_argument("--bai.alert_timeout", type=float, default=2.0, metavar="S",
+                        help="seconds an alert POST may take, tried at most twice, never waited for by the step "
+                             "(default 2)")
+    parser.add_argument("--bai.strict_callbacks", action="store_true",
+                        help="let a failing user callback (register_callback, openrlhf_bai.callbacks entry points) "
+                             "end training; by default it is logged once and counted in bai/monitor_errors")
     for name, default in asdict(th).items():  # the detectors' thresholds (openrlhf_bai.diagnostics.detectors)
         parser.add_argument(f"--bai.{name}", type=type(default), default=default, metavar="X",
                             help=f"{HELP[name]} (default {default})")
@@ -177,7 +186,7 @@ def openrlhf_version() -> tuple[int, ...] | None:
 def driver_runtime_env(bai) -> dict:
     """The runtime_env for ray.init: OpenRLHF's env_vars, the monitor's settings, the worker setup hook. Under
     `ray job submit` Ray refuses a driver runtime_env that sets a key the job's sets again; the job's keys win."""
-    from openrlhf_bai.integration.hooks import SETUP_HOOK, ray_runtime_env
+    from openrlhf_bai.integration.worker import SETUP_HOOK, ray_runtime_env
 
     env_vars = {key: os.environ.get(key, default) for key, default in OPENRLHF_ENV_VARS.items()}
     env_vars[CONFIG_ENV] = json.dumps(monitor_config(bai))

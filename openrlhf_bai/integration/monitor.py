@@ -1,12 +1,17 @@
-"""The stability monitor: the built-in trainer callback (registered by hooks.install_hooks).
+"""The stability monitor: the plugin's built-in trainer callback (worker.install_hooks registers it first).
 
 Each step PPOTrainer.fit logs, the detectors of openrlhf_bai.diagnostics.detectors (the ones `diagnose` runs) turn
-rollout/response_length_mean and rollout/reward_mean into bai/* metrics, which are
+the step's metrics into bai/* metrics, which are
 - added to the step's logs, so OpenRLHF's own wandb and TensorBoard loggers write them as train/bai/...;
-- appended, with the step's other numbers, to <ckpt.path>/bai_diagnostics.jsonl (`openrlhf-bai diagnose` reads it);
-- kept in client_states, so a run resumed from an OpenRLHF checkpoint keeps its baseline.
-When a detector fires: a warning through OpenRLHF's logger, then per --bai.on_collapse nothing more (warn),
-an OpenRLHF checkpoint at that step (save), or that checkpoint and the end of training (stop).
+- kept in client_states, so a run resumed from an OpenRLHF checkpoint keeps its baseline;
+- appended, with the step's other numbers, to <ckpt.path>/bai_diagnostics.jsonl (`openrlhf-bai diagnose` reads it).
+When a detector fires (any detector: it is an alarm event in the detectors' state): a warning through OpenRLHF's
+logger, then per --bai.on_collapse nothing more (warn), an OpenRLHF checkpoint at that step (save), or that
+checkpoint and the end of training (stop); then an alert: one JSON POST to --bai.alert_url from a thread of its own,
+and wandb's alert on the run OpenRLHF's wandb logger opened.
+
+Whatever fails in here is reported by hooks.run_callbacks (logged once, counted in bai/monitor_errors) and the step
+goes on; the steps above run in that order so that a failure late (the JSONL file) spares what came before.
 
 Settings: the JSON object in $OPENRLHF_BAI_MONITOR (the launcher and --actor_init bai put it in the Ray runtime_env,
 from the user's flags), else trainer.args.bai when a patched OpenRLHF parser holds the --bai.* flags; a missing
@@ -18,17 +23,25 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
+import threading
+import time
+import urllib.parse
+import urllib.request
 from dataclasses import asdict
 
 from openrlhf_bai.diagnostics.detectors import STATE_VERSION, Thresholds, make_thresholds, new_state, observe
 from openrlhf_bai.errors import BAIError
+from openrlhf_bai.integration.hooks import report_error, request_checkpoint, request_stop
 
 CONFIG_ENV = "OPENRLHF_BAI_MONITOR"
 STATE_KEY = "bai_monitor"  # in OpenRLHF's client_states
 JSONL_NAME = "bai_diagnostics.jsonl"
 ON_COLLAPSE = ("warn", "save", "stop")
-DEFAULTS = {"stability": "on", "on_collapse": "warn", **asdict(Thresholds())}
+DEFAULTS = {"stability": "on", "on_collapse": "warn", "strict_callbacks": False, "alert_url": None,
+            "alert_timeout": 2.0, **asdict(Thresholds())}
+CONSEQUENCE = {"warn": "training goes on", "save": "saving a checkpoint", "stop": "saving a checkpoint, then stopping"}
 
 
 def monitor_config(bai) -> dict:
@@ -42,13 +55,20 @@ def check_config(config: dict) -> None:
         raise BAIError(f"--bai.stability must be on or off, got {config['stability']!r}")
     if config["on_collapse"] not in ON_COLLAPSE:
         raise BAIError(f"--bai.on_collapse must be one of {', '.join(ON_COLLAPSE)}, got {config['on_collapse']!r}")
+    if not isinstance(config["strict_callbacks"], bool):
+        raise BAIError(f"--bai.strict_callbacks must be true or false, got {config['strict_callbacks']!r}")
+    url = config["alert_url"]
+    if url is not None and (not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https")
+                            or not urllib.parse.urlsplit(url).hostname):
+        raise BAIError("--bai.alert_url must be an http:// or https:// URL")  # not echoed: webhook URLs are secrets
+    timeout = config["alert_timeout"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
+        raise BAIError(f"--bai.alert_timeout must be in (0, 60] seconds, got {timeout!r}")
     make_thresholds(config)  # the detectors' own limits, named by flag
 
 
 def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states: dict) -> None:
     from openrlhf.utils.logging_utils import init_logger
-
-    from openrlhf_bai.integration.hooks import request_checkpoint, request_stop
 
     logger = init_logger("openrlhf_bai")
     run = trainer.__dict__.get("_bai_monitor")
@@ -65,6 +85,7 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
             given = monitor_config(args.bai) if hasattr(args, "bai") else {}
         config = {**DEFAULTS, **given}
         check_config(config)
+        trainer.bai_strict_callbacks = config["strict_callbacks"]  # read by hooks.run_callbacks
         resumed = getattr(trainer, "bai_resumed_states", {}).get(STATE_KEY)
         if resumed and resumed.get("version") != STATE_VERSION:  # saved by 0.1's detectors: start afresh
             resumed = None
@@ -78,37 +99,78 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
     if run["config"]["stability"] == "off":
         return
 
-    state, th = run["state"], run["thresholds"]
+    state, th, config = run["state"], run["thresholds"], run["config"]
     seen = len(state.get("events", ()))  # a state saved by 0.1 has no events yet
-    diagnostics = observe(state, global_step, logs_dict, th)
-    logs_dict.update(diagnostics)
+    logs_dict.update(observe(state, global_step, logs_dict, th))
     client_states[STATE_KEY] = copy.deepcopy(state)
+
+    fired = []
+    for event in state["events"][seen:]:
+        if event["alarm"]:
+            fired.append(event)
+        else:
+            logger.info(f"[openrlhf-bai] step {global_step}: {event['message']}")
+    if fired and not run.get("stopping"):
+        action = config["on_collapse"]  # one action for every detector
+        for event in fired:
+            logger.warning(f"[openrlhf-bai] step {global_step}: {event['message']}; "
+                           f"--bai.on_collapse {action}: {CONSEQUENCE[action]}")
+        if action == "save":
+            request_checkpoint(trainer)
+        elif action == "stop":
+            request_stop(trainer)
+            run["stopping"] = True  # steps still logged before the loop ends (async queue) save nothing more
+        try:  # a failing alert must not cost the step its JSONL row
+            for event in fired:
+                alert(trainer, config, event, action)
+        except Exception as e:
+            report_error(trainer, "alert", e)
 
     row = {"step": global_step}
     for key, value in logs_dict.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too; not tensors, text
             row[key] = float(value) if math.isfinite(value) else None
     path = os.path.join(trainer.args.ckpt.path, JSONL_NAME)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
-    fired = []
-    for event in state["events"][seen:]:
-        if event["alarm"]:
-            fired.append(event["message"])
-        else:
-            logger.info(f"[openrlhf-bai] step {global_step}: {event['message']}")
-    if not fired or run.get("stopping"):
+
+def alert(trainer, config: dict, event: dict, action: str) -> None:
+    """One detection to the outside: wandb's alert on OpenRLHF's wandb run, and a POST to --bai.alert_url."""
+    args = trainer.args
+    run_name = getattr(getattr(getattr(args, "logger", None), "wandb", None), "run_name", None)
+    text = f"[openrlhf-bai] {run_name or args.ckpt.path}, step {event['step']}: {event['message']}; " \
+           f"--bai.on_collapse {action}: {CONSEQUENCE[action]}"
+    wandb_logger = getattr(trainer, "wandb_logger", None)
+    if wandb_logger is not None:  # its handle is the wandb module, whose run is the one OpenRLHF's logger opened
+        wandb = wandb_logger.handle
+        wandb.run.alert(title=f"openrlhf-bai: {event['detector']}", text=text, level=wandb.AlertLevel.WARN)
+    if config["alert_url"] is None:
         return
-    action = run["config"]["on_collapse"]
-    consequence = {
-        "warn": "training goes on", "save": "saving a checkpoint", "stop": "saving a checkpoint, then stopping"
+    payload = {
+        "text": text,  # Slack's incoming webhooks show `text`,
+        "content": text[:2000],  # Discord's show `content` (at most 2000 characters)
+        "run": run_name, "ckpt_path": args.ckpt.path, "step": event["step"], "detector": event["detector"],
+        "message": event["message"], "action": action,
+        "values": {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None
+                   for k, v in event["values"].items()},
     }
-    for event in fired:
-        logger.warning(f"[openrlhf-bai] step {global_step}: {event}; --bai.on_collapse {action}: {consequence[action]}")
-    if action == "save":
-        request_checkpoint(trainer)
-    elif action == "stop":
-        request_stop(trainer)
-        run["stopping"] = True  # steps still logged before the loop ends (async queue) save nothing more
+    # Its own thread: the step never waits for the network. Not a daemon, so an alert sent as training stops
+    # (--bai.on_collapse stop) still leaves before the process exits: at most twice the timeout later.
+    threading.Thread(target=_post, args=(trainer, config["alert_url"], config["alert_timeout"],
+                                         json.dumps(payload).encode()), name="openrlhf-bai-alert").start()
+
+
+def _post(trainer, url: str, timeout: float, body: bytes) -> None:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    for attempt in range(2):  # at most one retry
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return
+        except Exception as e:
+            if attempt:
+                # Named by host only: the whole URL of a webhook is its secret.
+                report_error(trainer, f"alert to {urllib.parse.urlsplit(url).hostname}", e)
+            else:
+                time.sleep(min(timeout, 1.0))

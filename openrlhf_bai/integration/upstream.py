@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from openrlhf_bai.errors import BAIError
-from openrlhf_bai.integration import hooks
+from openrlhf_bai.integration import hooks, worker
 from openrlhf_bai.integration.launcher import add_bai_arguments, init_actor, start_ray
 from openrlhf_bai.integration.monitor import check_config, monitor_config
 
@@ -43,9 +43,13 @@ actor_init.add_arguments = add_arguments
 def trainer_callback(trainer, global_step: int, logs_dict: dict, client_states: dict) -> None:
     """OpenRLHF's trainer-callback hook point. Where Ray was started without the plugin's worker setup hook (a run
     without --actor_init bai), the first call in the trainer's process installs the trainer hooks and runs their
-    callbacks for this step; from the next step on the hooks' wrapper runs them, checkpoint requests included."""
+    callbacks for this step; from the next step on the hooks' wrapper runs them, checkpoint requests included.
+    Guarded as they are: a failure here is reported, never raised into OpenRLHF's loop."""
     if getattr(type(trainer).save_logs_and_checkpoints, "_openrlhf_bai", False):
         return  # installed already (an earlier step, or the worker setup hook): the wrapper ran them for this step
-    hooks.install_hooks()
-    for callback in list(hooks.CALLBACKS):
-        callback(trainer, global_step, logs_dict, client_states)
+    try:
+        worker.install_hooks()
+    except Exception as e:
+        hooks.report_error(trainer, "openrlhf_bai.install_hooks", e)
+        return
+    hooks.run_callbacks(trainer, global_step, logs_dict, client_states)
