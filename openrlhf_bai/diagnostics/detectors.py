@@ -207,12 +207,13 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
         # Step-to-step noise of the raw reward (MAD of differences / sqrt 2, as a standard deviation); a floor
         # keeps a flat reward finite.
         # A median of few differences is itself noisy: widen it while there are few (x2 at 4, x1.25 at 16); with
-        # fewer than 3 the reward has not moved: judged only once it has stayed flat for 2 x patience + 1 points.
+        # fewer than 3 the reward has not moved: judged only once it has repeated itself 2 x patience times (flat).
         diffs = track["diffs"]
         if len(diffs) >= 3:
             noise = 1.4826 * _median(diffs) / math.sqrt(2) * (1 + 4 / len(diffs))
         else:  # too few moves to say yet, unless the reward has stayed flat a while
-            noise = 0.0 if track["count"] > 2 * th.patience else math.inf
+            repeats = track["count"] - 1 - len(diffs)
+            noise = 0.0 if repeats >= 2 * th.patience else math.inf
         noise = max(noise, 1e-3 * (abs(reference) + 1.0))
         drawdown = (reference - smoothed) / noise
         run = _hold(track, drawdown > th.hockey_drawdown, reference)
