@@ -111,10 +111,11 @@ from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 from openrlhf.utils.config import hierarchize
 
 root = sys.argv[1]
+ckpt = sys.argv[2] if len(sys.argv) > 2 else root + "/ckpt"
 
 args = hierarchize(argparse.Namespace(**{
     "logger.logging_steps": 1, "logger.tensorboard_dir": root + "/tb", "logger.wandb.key": None,
-    "logger.wandb.run_name": "run", "ckpt.path": root + "/ckpt", "ckpt.save_steps": float("inf"),
+    "logger.wandb.run_name": "run", "ckpt.path": ckpt, "ckpt.save_steps": float("inf"),
     "ckpt.load_enable": False, "ckpt.best_metric_key": "", "algo.kl.target": None, "algo.kl.init_coef": 0.0,
     "algo.kl.horizon": 10000, "algo.advantage.estimator": "reinforce", "algo.dynamic_filtering_enable": False,
     "eval.steps": float("inf"), "train.num_episodes": 1, "rollout.batch_size": 1, "rollout.n_samples_per_prompt": 1,
@@ -165,3 +166,19 @@ def test_openrlhf_trainer_tests_pass_on_the_patched_files(patched):
     run = run_python(patched, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ppo_trainer.py", cwd=site)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "10 passed" in run.stdout  # 9 of the release, 1 of the patch
+
+
+def test_a_failing_monitor_in_the_patched_trainer_is_logged_once_and_training_goes_on(patched, tmp_path):
+    """The entry point's first call and the hooks' wrapper afterwards, both guarded: a ckpt.path below a regular file
+    (the JSONL row cannot be written) ends nothing; each step's metrics are logged and the failures counted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "a-file").write_text("")
+    run = run_python(patched, "-c", TRAINER_SCRIPT, str(tmp_path), str(tmp_path / "a-file" / "ckpt"))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("[openrlhf-bai] stability_monitor failed: NotADirectoryError") == 1
+    accumulator = EventAccumulator(str(tmp_path / "tb" / "run"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    errors = {e.step: e.value for e in accumulator.Scalars("train/bai/monitor_errors")}
+    assert errors == {step: float(step) for step in range(1, 13)}
+    assert sorted(e.step for e in accumulator.Scalars("train/bai/length_collapse")) == list(range(3, 13))
