@@ -431,13 +431,13 @@ def _follows(ckpt: io.Checkpoint, before: str, name: str) -> bool:
 def _merge_slice(plan: MergePlan, run: list[TensorPlan], start: int, stop: int, fd: int, offset: int) -> int:
     """Elements [start, stop) of a run, merged and written at their place in the shard (run at `offset`); returns
     the bytes written. Runs in a pool thread: NumPy and pread/pwrite release the GIL."""
-    inputs, first = plan.inputs, run[0]
+    inputs, first, n = plan.inputs, run[0], stop - start
     if _elementwise(run):
         infos = [c.tensors[first.name] for c in inputs]
-        rows = [io.read_at(c, i.file, i.offset + start * np.dtype(io.DTYPES[i.dtype]).itemsize, i.dtype, stop - start,
-                           first.name) for c, i in zip(inputs, infos)]
+        rows = [io.read_at(c, i.file, i.offset + start * np.dtype(io.DTYPES[i.dtype]).itemsize, i.dtype, n, first.name,
+                           _buffer(k, n * 8)) for k, (c, i) in enumerate(zip(inputs, infos))]
         chunk, finite = combine_rows(rows, [i.dtype for i in infos], list(range(len(inputs))), plan.recipe.alpha,
-                                     plan.recipe.weights(), first.dtype)
+                                     plan.recipe.weights(), first.dtype, _buffer("fp32", n * 8).view(np.float32))
         if not finite:  # which tensor: merge each one in the slice by itself, which names it
             begin = 0
             for t in run:
@@ -455,6 +455,18 @@ def _merge_slice(plan: MergePlan, run: list[TensorPlan], start: int, stop: int, 
             chunk = io.read_rows(inputs[plan.config_src], first.name, start // row, stop // row)
     io.write_at(fd, chunk, offset + start * chunk.itemsize)
     return chunk.nbytes
+
+
+_THREAD = threading.local()
+
+
+def _buffer(key, nbytes: int) -> np.ndarray:
+    """This thread's reusable buffer `key`, at least nbytes: a slice allocates nothing, since fresh memory from the
+    OS (page faults, zeroing) costs more than the arithmetic on it."""
+    buffers = _THREAD.__dict__
+    if key not in buffers or buffers[key].nbytes < nbytes:
+        buffers[key] = np.empty(nbytes, np.uint8)
+    return buffers[key][:nbytes]
 
 
 def _merge_rows(inputs, t: TensorPlan, start: int, stop: int, recipe: BAIRecipe) -> np.ndarray:
