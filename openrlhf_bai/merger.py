@@ -355,10 +355,13 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool, threads: int) -> No
     At most 2 slices per thread are in flight: memory stays a few MB per thread whatever the model size."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from tqdm import tqdm
+    update = close = lambda *_: None
+    if progress:  # imported only then: tqdm's import is a tenth of a small merge
+        from tqdm import tqdm
 
-    bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="BAI merge",
-               disable=None if progress else True)
+        bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="BAI merge",
+                   disable=None)  # None: off when stderr is no terminal
+        update, close = bar.update, bar.close
     weight_map, fds, pending = {}, [], set()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="bai-merge")
     try:
@@ -375,16 +378,16 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool, threads: int) -> No
                 for start in range(0, numel, step):
                     if len(pending) >= 2 * threads:
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        bar.update(sum(f.result() for f in done))
+                        update(sum(f.result() for f in done))
                     pending.add(pool.submit(_merge_slice, plan, run, start, min(start + step, numel), fds[-1], offset))
                 offset += numel * np.dtype(io.DTYPES[run[0].dtype]).itemsize
             weight_map.update((t.name, shard_name) for t in entries)
-        bar.update(sum(f.result() for f in wait(pending).done))
+        update(sum(f.result() for f in wait(pending).done))
     finally:
         pool.shutdown(cancel_futures=True)  # waits for the running slices, so nothing writes after the cleanup
         for fd in fds:
             os.close(fd)
-    bar.close()
+    close()
 
     if len(plan.shards) > 1:
         io.write_json(out / io.INDEX_NAME, {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map})
