@@ -166,11 +166,13 @@ def read_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> np.ndarray:
                    (stop - start) * n, name)
 
 
-def read_at(ckpt: Checkpoint, file: Path, offset: int, dtype: str, count: int, name: str) -> np.ndarray:
-    """`count` elements of `dtype` at byte `offset` of one of the checkpoint's files, read with pread into a new
-    array. Plain reads rather than a memory map: mapped pages would count in the process's RSS for the whole merge.
-    pread has no file position, so the merge's threads share one descriptor per file."""
-    out = np.empty(count, dtype=DTYPES[dtype])
+def read_at(ckpt: Checkpoint, file: Path, offset: int, dtype: str, count: int, name: str,
+            buffer: np.ndarray | None = None) -> np.ndarray:
+    """`count` elements of `dtype` at byte `offset` of one of the checkpoint's files, read with pread into `buffer`
+    (uint8, large enough) or a new array. Plain reads rather than a memory map: mapped pages would count in the
+    process's RSS for the whole merge. pread has no file position, so the merge's threads share one descriptor."""
+    size = count * np.dtype(DTYPES[dtype]).itemsize
+    out = np.empty(count, dtype=DTYPES[dtype]) if buffer is None else buffer[:size].view(DTYPES[dtype])
     if out.size:
         with _OPEN_LOCK:
             if file not in ckpt._files:

@@ -355,10 +355,13 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool, threads: int) -> No
     At most 2 slices per thread are in flight: memory stays a few MB per thread whatever the model size."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from tqdm import tqdm
+    update = close = lambda *_: None
+    if progress:  # imported only then: tqdm's import is a tenth of a small merge
+        from tqdm import tqdm
 
-    bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="BAI merge",
-               disable=None if progress else True)
+        bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="BAI merge",
+                   disable=None)  # None: off when stderr is no terminal
+        update, close = bar.update, bar.close
     weight_map, fds, pending = {}, [], set()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="bai-merge")
     try:
@@ -375,16 +378,16 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool, threads: int) -> No
                 for start in range(0, numel, step):
                     if len(pending) >= 2 * threads:
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        bar.update(sum(f.result() for f in done))
+                        update(sum(f.result() for f in done))
                     pending.add(pool.submit(_merge_slice, plan, run, start, min(start + step, numel), fds[-1], offset))
                 offset += numel * np.dtype(io.DTYPES[run[0].dtype]).itemsize
             weight_map.update((t.name, shard_name) for t in entries)
-        bar.update(sum(f.result() for f in wait(pending).done))
+        update(sum(f.result() for f in wait(pending).done))
     finally:
         pool.shutdown(cancel_futures=True)  # waits for the running slices, so nothing writes after the cleanup
         for fd in fds:
             os.close(fd)
-    bar.close()
+    close()
 
     if len(plan.shards) > 1:
         io.write_json(out / io.INDEX_NAME, {"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map})
@@ -431,13 +434,13 @@ def _follows(ckpt: io.Checkpoint, before: str, name: str) -> bool:
 def _merge_slice(plan: MergePlan, run: list[TensorPlan], start: int, stop: int, fd: int, offset: int) -> int:
     """Elements [start, stop) of a run, merged and written at their place in the shard (run at `offset`); returns
     the bytes written. Runs in a pool thread: NumPy and pread/pwrite release the GIL."""
-    inputs, first = plan.inputs, run[0]
+    inputs, first, n = plan.inputs, run[0], stop - start
     if _elementwise(run):
         infos = [c.tensors[first.name] for c in inputs]
-        rows = [io.read_at(c, i.file, i.offset + start * np.dtype(io.DTYPES[i.dtype]).itemsize, i.dtype, stop - start,
-                           first.name) for c, i in zip(inputs, infos)]
+        rows = [io.read_at(c, i.file, i.offset + start * np.dtype(io.DTYPES[i.dtype]).itemsize, i.dtype, n, first.name,
+                           _buffer(k, n * 8)) for k, (c, i) in enumerate(zip(inputs, infos))]
         chunk, finite = combine_rows(rows, [i.dtype for i in infos], list(range(len(inputs))), plan.recipe.alpha,
-                                     plan.recipe.weights(), first.dtype)
+                                     plan.recipe.weights(), first.dtype, _buffer("fp32", n * 8).view(np.float32))
         if not finite:  # which tensor: merge each one in the slice by itself, which names it
             begin = 0
             for t in run:
@@ -455,6 +458,18 @@ def _merge_slice(plan: MergePlan, run: list[TensorPlan], start: int, stop: int, 
             chunk = io.read_rows(inputs[plan.config_src], first.name, start // row, stop // row)
     io.write_at(fd, chunk, offset + start * chunk.itemsize)
     return chunk.nbytes
+
+
+_THREAD = threading.local()
+
+
+def _buffer(key, nbytes: int) -> np.ndarray:
+    """This thread's reusable buffer `key`, at least nbytes: a slice allocates nothing, since fresh memory from the
+    OS (page faults, zeroing) costs more than the arithmetic on it."""
+    buffers = _THREAD.__dict__
+    if key not in buffers or buffers[key].nbytes < nbytes:
+        buffers[key] = np.empty(nbytes, np.uint8)
+    return buffers[key][:nbytes]
 
 
 def _merge_rows(inputs, t: TensorPlan, start: int, stop: int, recipe: BAIRecipe) -> np.ndarray:
