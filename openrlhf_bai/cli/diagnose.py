@@ -78,13 +78,16 @@ def diagnose_run(run: str, args) -> dict:
         for signal, key in renamed.items():
             if key and key in metrics:
                 metrics[SIGNAL_KEYS[signal][0]] = metrics[key]
-    missing_steps = {
-        signal: sum(first_value(metrics, keys) is None for _, metrics in rows) for signal, keys in SIGNAL_KEYS.items()
-    }
-    if all(missing_steps[signal] == len(rows) for signal in ("length", "reward", "entropy", "kl")):
+    # A step that logged none of the signals (verl's step 0 holds only validation scores) is no training step.
+    trained = [row for row in rows if any(first_value(row[1], keys) is not None for keys in SIGNAL_KEYS.values())]
+    if not trained:
         looked_for = ", ".join(SIGNAL_KEYS["length"] + SIGNAL_KEYS["reward"])
         raise BAIError(f"{run}: {len(rows)} steps but no response length, reward, entropy or KL in any (looked for "
                        f"{looked_for}, ...; name yours with --length-key / --reward-key)")
+    rows = trained
+    missing_steps = {
+        signal: sum(first_value(metrics, keys) is None for _, metrics in rows) for signal, keys in SIGNAL_KEYS.items()
+    }
     for signal, phenomenon in WARN_IF_MISSING.items():
         count = missing_steps[signal]
         if count == len(rows):
@@ -97,7 +100,9 @@ def diagnose_run(run: str, args) -> dict:
     # Older names: response_length and reward were the two signals of 0.1's JSON.
     verdict.update(source=str(run), kind=kind,
                    missing_steps={("response_length" if k == "length" else k): v for k, v in missing_steps.items()})
-    return {"label": Path(run).name or str(run), "rows": rows, "verdict": verdict, "per_step": per_step}
+    path = Path(run)
+    label = path.parent.name if "tfevents" in path.name else path.name  # an event file: its run's folder
+    return {"label": label or str(run), "rows": rows, "verdict": verdict, "per_step": per_step}
 
 
 def _number(value, fmt: str) -> str:

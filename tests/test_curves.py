@@ -1,0 +1,167 @@
+"""The detectors on the labeled curve corpus (real published runs and the seeded synthetic shapes), and `diagnose`
+on each new log format read from a real file: verl's own published logs and TensorBoard files, and the console
+lines and trainer_state.json that transformers' Trainer (which TRL's GRPO/PPO trainers are) writes itself."""
+
+import csv
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from openrlhf_bai.cli.main import main as cli
+from openrlhf_bai.diagnostics.corpus import real_curves, score, synthetic_curves
+from openrlhf_bai.diagnostics.detectors import Thresholds, analyze
+from openrlhf_bai.diagnostics.readers import read_rows
+
+TH = Thresholds()
+DATA = Path(__file__).resolve().parent / "data"
+REAL = real_curves(DATA / "curves")
+
+
+def detections(curve):
+    v, _ = analyze(curve["rows"], TH)
+    return {"length_collapse": v["length_collapse"]["step"], "truncation_drop": v["truncation_drop"]["step"],
+            "hockey_stick": v["hockey_stick"]["drop_step"], "entropy_collapse": v["entropy_collapse"]["step"],
+            "kl_blowup": v["kl_blowup"]["step"]}
+
+
+def test_the_corpus_has_real_runs_with_provenance_and_events():
+    assert len(REAL) >= 8
+    assert sum(any(e["present"] for e in c["label"].values()) for c in REAL) >= 2
+    for curve in REAL:
+        assert curve["provenance"]["source_url"].startswith("https://") and curve["provenance"]["license"]
+        assert len(curve["rows"]) >= 3
+
+
+@pytest.mark.parametrize("curve", REAL, ids=[c["name"] for c in REAL])
+def test_real_runs_raise_what_their_labels_say_and_nothing_else(curve):
+    for name, result in score(curve, detections(curve), TH.patience).items():
+        assert result["outcome"] != "false alarm", (name, result)
+        assert result["outcome"] != "miss", (name, result)
+        if result["outcome"] == "hit" and name != "entropy_collapse":
+            assert result["delay_points"] <= TH.patience + 1, (name, result)
+        if name == "entropy_collapse" and result["outcome"] in ("hit", "early"):
+            # Entropy that declines for hundreds of steps hovers at the threshold for tens of them: its raw crossing
+            # (the label) and the smoothed one differ by up to 10 log points in this corpus (see the README).
+            assert abs(result["step"] - curve["label"][name]["onset"]) <= 10 * curve["logging_steps"], result
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_synthetic_shapes_are_raised_in_time_and_healthy_ones_are_not(seed):
+    for curve in synthetic_curves(seed):
+        for name, result in score(curve, detections(curve), TH.patience).items():
+            assert result["outcome"] in ("hit", "quiet"), (curve["name"], name, result)
+            if result["outcome"] == "hit":
+                assert result["delay_points"] <= TH.patience + 1, (curve["name"], name, result)
+
+
+def test_verl_console_log_from_verls_own_quickstart():
+    kind, rows = read_rows(DATA / "formats" / "verl-quickstart.log")
+    assert kind == "verl" and [step for step, _ in rows] == [0, 1]
+    assert rows[0][1]["response_length/mean"] == 239.133 and rows[1][1]["critic/score/mean"] == 0.0
+    assert rows[0][1]["actor/entropy_loss"] == 0.433 and rows[0][1]["critic/lr(1e-4)"] == 0.1
+
+
+def test_verl_console_line_behind_ray_prefix_and_colour_codes(tmp_path):
+    line = (DATA / "formats" / "verl-quickstart.log").read_text().splitlines()[0]
+    path = tmp_path / "ray.log"
+    path.write_text(f"\x1b[36m(TaskRunner pid=4171)\x1b[0m INFO: starting\n\x1b[36m(TaskRunner pid=4171)\x1b[0m {line}\n")
+    kind, rows = read_rows(path)
+    assert kind == "verl" and rows[0][1]["response_length/mean"] == 239.133
+
+
+def test_verl_tensorboard_event_file_as_published_matches_its_extracted_numbers():
+    run = DATA / "curves" / "verl-tb-qwen25-3b-grpo-gsm8k"
+    event_file = next(run.glob("events.out.tfevents.*"))
+    kind, rows = read_rows(event_file)
+    extracted = list(csv.DictReader((run / "curve.csv").open()))
+    by_step = dict(rows)
+    assert kind == "tensorboard" and len(extracted) == 105
+    for row in extracted:
+        assert by_step[int(row["step"])]["response_length/mean"] == pytest.approx(float(row["response_length/mean"]),
+                                                                                   rel=1e-5)
+
+
+def write_trainer_logs(tmp_path, entries):
+    """What transformers' Trainer writes for a TRL GRPO run: the console dict of each log (ProgressCallback) and
+    trainer_state.json (TrainerState.log_history)."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import ProgressCallback, TrainerControl, TrainerState
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), logging_steps=10, report_to=[])
+    state = TrainerState(max_steps=10 * len(entries), is_world_process_zero=True, is_local_process_zero=True)
+    progress, out = ProgressCallback(), io.StringIO()
+    with redirect_stdout(out):
+        progress.on_train_begin(args, state, TrainerControl())
+        for i, logs in enumerate(entries):
+            state.global_step = 10 * (i + 1)
+            state.log_history.append({**logs, "step": state.global_step})
+            progress.on_log(args, state, TrainerControl(), logs=dict(logs))
+        progress.on_log(args, state, TrainerControl(), logs={"train_runtime": 12.5, "train_loss": 0.01})
+    console = tmp_path / "grpo.log"
+    console.write_text(out.getvalue())
+    state.save_to_json(str(tmp_path / "trainer_state.json"))
+    return console, tmp_path / "trainer_state.json"
+
+
+def trl_entries():
+    """A TRL GRPO run whose completions collapse from ~600 to ~40 tokens at the 6th log."""
+    return [{"loss": 0.01, "grad_norm": 0.3, "learning_rate": 1e-6, "completions/mean_length": 600.0 + 5 * i
+             if i < 5 else 40.0, "completions/clipped_ratio": 0.01, "reward": 0.4 + 0.01 * i, "kl": 0.001 * i,
+             "entropy": 0.5, "epoch": 0.01 * i} for i in range(12)]
+
+
+def test_trl_console_and_trainer_state_written_by_transformers(tmp_path, capsys):
+    console, state = write_trainer_logs(tmp_path, trl_entries())
+    assert "'completions/mean_length': '600'" in console.read_text()  # the Trainer prints values as strings
+    kind, rows = read_rows(console, logging_steps=10)
+    assert kind == "trl" and [s for s, _ in rows] == list(range(10, 130, 10))  # the closing summary is no step
+    assert rows[0][1]["completions/mean_length"] == 600.0 and rows[5][1]["completions/mean_length"] == 40.0
+    kind, state_rows = read_rows(state)
+    assert kind == "trainer-state" and [s for s, _ in state_rows] == [s for s, _ in rows]
+
+    status = cli(["diagnose", str(console), str(state), "--logging-steps", "10", "--fail-on", "collapse",
+                  "--json", str(tmp_path / "v.json")])
+    verdicts = json.loads((tmp_path / "v.json").read_text())
+    assert status == 3 and [v["kind"] for v in verdicts] == ["trl", "trainer-state"]
+    assert [v["length_collapse"]["step"] for v in verdicts] == [80, 80]  # onset at 60: 60, 70, 80
+    assert not any(v["hockey_stick"]["detected"] or v["entropy_collapse"]["detected"] for v in verdicts)
+
+
+def test_any_csv_or_jsonl_with_named_columns(tmp_path, capsys):
+    path = tmp_path / "export.csv"
+    path.write_text("iteration,len,score\n" + "".join(
+        f"{i},{900 if i < 20 else 100},0.5\n" for i in range(40)))
+    status = cli(["diagnose", str(path), "--step-key", "iteration", "--length-key", "len", "--reward-key", "score",
+                  "--fail-on", "collapse", "--json", str(tmp_path / "v.json")])
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert status == 3 and v["kind"] == "csv" and v["length_collapse"]["step"] == 22
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"global_step": i, "response_length/mean": 500.0, "critic/score/mean": 0.5})
+                            + "\n" for i in range(10)))
+    assert cli(["diagnose", str(path), "--json", str(tmp_path / "w.json")]) == 0
+    assert json.loads((tmp_path / "w.json").read_text())["kind"] == "jsonl"
+
+
+def test_an_unknown_log_names_every_known_format_in_one_line(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("epoch 1 done\nloss went down\n")
+    assert cli(["diagnose", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a training log of a known format" in err[0]
+    for name in ("OpenRLHF", "verl", "TRL", "trainer_state.json", "TensorBoard", "CSV / JSONL"):
+        assert name in err[0]
+
+
+def test_diagnose_on_published_verl_runs_compares_them_in_one_plot(tmp_path, capsys):
+    runs = [next((DATA / "curves" / name).glob("events.out.tfevents.*"))
+            for name in ("verl-tb-qwen2-7b-grpo-gsm8k", "verl-tb-qwen25-3b-grpo-gsm8k")]
+    status = cli(["diagnose", *map(str, runs), "--fail-on", "entropy", "--plot", str(tmp_path / "verl.png"),
+                  "--json", str(tmp_path / "v.json")])
+    verdicts = json.loads((tmp_path / "v.json").read_text())
+    assert status == 3
+    assert [v["entropy_collapse"]["detected"] for v in verdicts] == [False, True]
+    assert not any(v["length_collapse"]["detected"] or v["kl_blowup"]["detected"] for v in verdicts)
+    assert (tmp_path / "verl.png").stat().st_size > 20_000
