@@ -182,6 +182,30 @@ def test_healthy_noisy_runs_stay_silent(tmp_path, hooked, monitor_log):
     assert monitor_log.records == []
 
 
+def test_entropy_collapse_and_kl_blowup_reach_tensorboard_and_a_healthy_noisy_entropy_stays_silent(
+        tmp_path, hooked, monitor_log):
+    rng = random.Random(0)
+    # OpenRLHF 0.11 logs the mean token entropy as entropy_loss (with --actor.entropy_coef, 0 included).
+    collapsing = [{**row, "entropy_loss": (1.0 if step < 12 else 0.05) * (1 + rng.uniform(-0.03, 0.03)),
+                   "kl": 0.002 if step < 20 else 0.9}
+                  for step, row in enumerate(healthy_series(1), 1)]
+    args = openrlhf_args(tmp_path, run_name="entropy")
+    drive(make_trainer(args), collapsing)
+    tb = tensorboard_scalars(args)
+    assert 12 <= first_step_at_1(tb["train/bai/entropy_collapse"]) <= 12 + 4
+    assert min(tb["train/bai/entropy_ratio"].values()) < 0.1
+    assert 20 <= first_step_at_1(tb["train/bai/kl_blowup"]) <= 20 + 4
+    warnings = [r.getMessage() for r in monitor_log.records if r.levelname == "WARNING"]
+    assert any("entropy collapse" in m for m in warnings) and any("KL blow-up" in m for m in warnings)
+
+    healthy = [{**row, "entropy_loss": (0.6 - 0.005 * step) * (1 + rng.gauss(0, 0.1)), "kl": 0.0005 * step}
+               for step, row in enumerate(healthy_series(2), 1)]
+    args = openrlhf_args(tmp_path, run_name="entropy-healthy")
+    drive(make_trainer(args), healthy)
+    tb = tensorboard_scalars(args)
+    assert set(tb["train/bai/entropy_collapse"].values()) == {0.0} and set(tb["train/bai/kl_blowup"].values()) == {0.0}
+
+
 def test_resumed_run_keeps_its_baseline_through_client_states(tmp_path, hooked):
     rows = collapsing_series(seed=3)
     whole = drive(make_trainer(openrlhf_args(tmp_path, run_name="whole")), rows)
