@@ -134,21 +134,18 @@ def verdict_table(verdicts: list[dict]) -> str:
             hockey_text = f"YES drop at step {hockey['drop_step']}, depth {hockey['depth']:.1f} noise units, {recovered}"
         else:
             hockey_text = "no"
-        entropy, kl = v["entropy_collapse"], v["kl_blowup"]
-        if missing["entropy"] == v["steps"]:
-            entropy_text = "not assessed"
-        elif entropy["detected"]:
-            entropy_text = f"YES at step {entropy['step']} (lowest ratio {entropy['min_ratio']:.2f})"
-        else:
-            entropy_text = f"no (lowest ratio {_number(entropy['min_ratio'], '.2f')})"
-        if missing["kl"] == v["steps"]:
-            kl_text = "not assessed"
-        elif kl["detected"]:
-            kl_text = f"YES at step {kl['step']} (highest ratio {kl['max_ratio']:.1f})"
-        else:
-            kl_text = f"no (highest ratio {_number(kl['max_ratio'], '.1f')})"
+        ratio_texts = []
+        for signal, key, field, word in (("entropy", "entropy_collapse", "min_ratio", "lowest"),
+                                         ("kl", "kl_blowup", "max_ratio", "highest")):
+            found = v[key]
+            if missing[signal] == v["steps"]:
+                ratio_texts.append("not assessed")
+            elif found["detected"]:
+                ratio_texts.append(f"YES at step {found['step']} ({word} ratio {found[field]:.2f})")
+            else:
+                ratio_texts.append(f"no ({word} ratio {_number(found[field], '.2f')})")
         lines.append((v["source"], str(v["steps"]), _number(v["baseline_length"], ".1f"),
-                      _number(v["baseline_reward"], ".4g"), collapse_text, hockey_text, entropy_text, kl_text))
+                      _number(v["baseline_reward"], ".4g"), collapse_text, hockey_text, *ratio_texts))
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                      for row in [header, *lines])

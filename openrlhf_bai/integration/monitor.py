@@ -95,7 +95,7 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
             "state": copy.deepcopy(resumed) if resumed else new_state(),
         }
         if resumed:
-            logger.info(f"[openrlhf-bai] monitor resumed after {resumed['steps']} steps with its baselines")
+            logger.info(f"[openrlhf-bai] monitor resumed after {resumed['steps']} steps with its references")
     if run["config"]["stability"] == "off":
         return
 
