@@ -353,7 +353,8 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool, threads: int) -> No
     """Every shard: its header, then slices of ~CHUNK_ELEMENTS elements merged by a thread pool, each written with
     pwrite at its final offset, so the bytes do not depend on the thread count or the order slices finish in.
     At most 2 slices per thread are in flight: memory stays a few MB per thread whatever the model size."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
 
     update = close = lambda *_: None
     if progress:  # imported only then: tqdm's import is a tenth of a small merge
@@ -362,7 +363,7 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool, threads: int) -> No
         bar = tqdm(total=plan.bytes_to_write, unit="B", unit_scale=True, unit_divisor=1024, desc="BAI merge",
                    disable=None)  # None: off when stderr is no terminal
         update, close = bar.update, bar.close
-    weight_map, fds, pending = {}, [], set()
+    weight_map, fds, pending = {}, [], deque()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="bai-merge")
     try:
         for shard_name, entries in plan.shards:
@@ -376,13 +377,14 @@ def _write_merge(plan: MergePlan, out: Path, progress: bool, threads: int) -> No
                 row = 1 if _elementwise(run) else io.row_numel(run[0].shape)
                 step = max(1, CHUNK_ELEMENTS // row) * row
                 for start in range(0, numel, step):
-                    if len(pending) >= 2 * threads:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        update(sum(f.result() for f in done))
-                    pending.add(pool.submit(_merge_slice, plan, run, start, min(start + step, numel), fds[-1], offset))
+                    if len(pending) >= 2 * threads:  # slices are alike: waiting for the oldest keeps all threads busy
+                        update(pending.popleft().result())
+                    pending.append(pool.submit(_merge_slice, plan, run, start, min(start + step, numel), fds[-1],
+                                               offset))
                 offset += numel * np.dtype(io.DTYPES[run[0].dtype]).itemsize
             weight_map.update((t.name, shard_name) for t in entries)
-        update(sum(f.result() for f in wait(pending).done))
+        while pending:
+            update(pending.popleft().result())
     finally:
         pool.shutdown(cancel_futures=True)  # waits for the running slices, so nothing writes after the cleanup
         for fd in fds:
