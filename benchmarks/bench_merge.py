@@ -21,7 +21,8 @@ Each contender runs as a whole process (wall clock and peak RSS of the child) on
 Last, the time for 7B, 70B and 235B-A22B merges projected from the measured throughput per core and an assumed
 disk bandwidth (--disk-gbps).
 
-    python benchmarks/bench_merge.py [--repeats 3] [--cases dense moe] [--skip-mergekit] [--json results.json]
+    python benchmarks/bench_merge.py [--repeats 5] [--mergekit-repeats 1] [--cases dense moe] [--skip-mergekit]
+                                     [--disk-gbps 5] [--json results.json]
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def bench_case(case: str, a, cores: int) -> dict:
     print(f"\n[{case}] 3 inputs x {out_size / 1e6:.0f} MB, {tensors} tensors each", flush=True)
     results = {"input_bytes": out_size, "tensors": tensors, "contenders": {}, "threads": {}}
     for name, cmd in contenders.items():
-        results["contenders"][name] = measure(cmd, a.repeats, work)
+        results["contenders"][name] = measure(cmd, a.mergekit_repeats if name.startswith("mergekit") else a.repeats, work)
     counts = sorted({1, cores} | {2**k for k in range(cores.bit_length()) if 2**k <= cores})
     for n in counts:
         results["threads"][n] = measure(lambda i: merge_cmd + ["--output", str(work / f"out-t{i}"), "--threads", str(n)],
@@ -183,7 +184,8 @@ def projection(results: dict, disk_gbps: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--mergekit-repeats", type=int, default=1, help="mergekit is 10-100x slower: one run tells the ratio")
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument("--disk-gbps", type=float, default=5.0,
@@ -196,7 +198,8 @@ def main() -> None:
     results = {case: bench_case(case, a, cores) for case in a.cases}
     projection(results, a.disk_gbps)
     # Timings are only as quiet as the machine: other processes' load shows in the wall times, not in CPU.
-    print(f"\n{cores} usable cores; {a.repeats} runs each; warm page cache; load average {load:.1f} before, "
+    print(f"\n{cores} usable cores; {a.repeats} runs each (mergekit {a.mergekit_repeats}); warm page cache; "
+          f"load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
