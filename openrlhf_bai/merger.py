@@ -450,11 +450,11 @@ def _merge_slice(plan: MergePlan, run: list[TensorPlan], start: int, stop: int, 
         if not finite:  # which tensor: merge each one in the slice by itself, which names it
             begin = 0
             for t in run:
-                n, row = io.nbytes(t.shape, "U8"), io.row_numel(t.shape)
-                if begin < stop and start < begin + n:
-                    _merge_rows(inputs, t, max(0, start - begin) // row, -(-(min(stop, begin + n) - begin) // row),
+                size, row = io.nbytes(t.shape, "U8"), io.row_numel(t.shape)
+                if begin < stop and start < begin + size:
+                    _merge_rows(inputs, t, max(0, start - begin) // row, -(-(min(stop, begin + size) - begin) // row),
                                 plan.recipe)
-                begin += n
+                begin += size
             raise BAIError(f"non-finite values after merging {_some(t.name for t in run)}")
     else:
         row = io.row_numel(first.shape)
