@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-mergekit", metavar="FILE", default=None, help="also write the equivalent mergekit YAML")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="threads merging slices in parallel (default: the cores this process may use); "
-                        "the output is the same for every N")
+                   help="threads merging slices in parallel (default: the cores this process may use, at most "
+                        "64); the output is the same for every N")
     return p
 
 
