@@ -47,7 +47,7 @@ NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf))"
 DICT_ITEM = re.compile(r"'([^'\\]+)':\s*'?(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(?![\w.])")
 VERL_ITEM = re.compile(r"([^\s:][^:]*?):(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"\)?(?: - |\s*$)")
 WANDB_STEP_COLUMNS = ("train/global_step", "Step", "_step")  # most exact first
-STEP_KEYS = WANDB_STEP_COLUMNS + ("step", "global_step", "trainer/global_step", "Step")
+STEP_KEYS = WANDB_STEP_COLUMNS + ("step", "global_step", "trainer/global_step")
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 DETECT_BYTES = 4 << 20  # enough to get past a long start-up before the first logged step
 
@@ -87,14 +87,13 @@ def read_rows(path: str | Path, kind: str | None = None, step_key: str | None = 
     kind = kind or detect_kind(path, step_key)
     if kind not in KINDS:
         raise BAIError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if kind in ("csv", "wandb-csv", "jsonl"):
-        rows = (_read_jsonl if kind == "jsonl" else _read_csv)(path, step_key)
-    elif kind == "trl":
-        rows = _read_trl(path, logging_steps)
-    else:
-        reader = {"stdout": _read_stdout, "verl": _read_verl, "trainer-state": _read_trainer_state,
-                  "tensorboard": _read_tensorboard}
-        rows = reader[kind](path)
+    readers = {
+        "stdout": _read_stdout, "verl": _read_verl, "trl": lambda p: _read_trl(p, logging_steps),
+        "trainer-state": _read_trainer_state, "tensorboard": _read_tensorboard,
+        "wandb-csv": lambda p: _read_csv(p, step_key), "csv": lambda p: _read_csv(p, step_key),
+        "jsonl": lambda p: _read_jsonl(p, step_key),
+    }
+    rows = readers[kind](path)
     if not rows:
         raise BAIError(f"{path}: no training steps found; expected {EXPECTED}")
     return kind, rows
