@@ -33,7 +33,7 @@ from openrlhf_bai.errors import BAIError
 # The names each framework logs, newest OpenRLHF first; readers strip `train/`-style prefixes of their own.
 LENGTH_KEYS = ("rollout/response_length_mean", "response_length_mean", "response_length",  # OpenRLHF 0.11, 0.9
                "response_length/mean",  # verl
-               "completions/mean_length")  # TRL
+               "completions/mean_length", "completion_length")  # TRL (newer, older)
 REWARD_KEYS = ("rollout/reward_mean", "reward_mean", "reward",  # OpenRLHF 0.11, 0.9; TRL's is "reward" too
                "critic/score/mean", "critic/rewards/mean")  # verl: the score, then the KL-penalized reward
 ENTROPY_KEYS = ("entropy_loss",  # OpenRLHF 0.11 logs the mean token entropy under this name (--actor.entropy_coef)
