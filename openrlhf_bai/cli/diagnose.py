@@ -61,7 +61,8 @@ def parse_args(argv):
     if args.logging_steps < 1:
         parser.error("--logging-steps must be >= 1")
     try:
-        args.thresholds = make_thresholds({name: getattr(args, name) for name in asdict(default)}, flag_prefix="--")
+        args.thresholds = make_thresholds({name: getattr(args, name) for name in asdict(default)},
+                                          flag=lambda key: f"--{key.replace('_', '-')}")
     except BAIError as e:
         parser.error(str(e))
     for output in (args.json, args.plot):

@@ -87,15 +87,15 @@ HELP = {
 }
 
 
-def make_thresholds(values: Mapping[str, Any], flag_prefix: str = "--bai.") -> Thresholds:
-    """Thresholds from a mapping (missing keys: defaults); BAIError naming the flag for a value out of range."""
+def make_thresholds(values: Mapping[str, Any], flag=lambda key: f"--bai.{key}") -> Thresholds:
+    """Thresholds from a mapping (missing keys: defaults); BAIError naming the flag (`flag(key)`) for a value out
+    of range."""
     defaults = asdict(Thresholds())
     chosen = {key: values.get(key, default) for key, default in defaults.items()}
     for key, value in chosen.items():
         expected, ok = LIMITS[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-            raise BAIError(f"{flag_prefix}{key.replace('_', '-') if flag_prefix == '--' else key} must be "
-                           f"{expected}, got {value!r}")
+            raise BAIError(f"{flag(key)} must be {expected}, got {value!r}")
     return Thresholds(**chosen)
 
 
