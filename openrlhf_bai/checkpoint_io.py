@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -63,7 +63,8 @@ class Checkpoint:
 
 
 def resolve_directory(path: str) -> tuple[Path, str | None]:
-    """A local checkpoint directory, or a hub id resolved with huggingface_hub (which honours HF_HUB_OFFLINE)."""
+    """A local checkpoint directory (a symlink to one is followed), or a hub id resolved with huggingface_hub, which
+    with HF_HUB_OFFLINE=1 serves its local cache: the snapshot directory, whose files are symlinks into blobs/."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local.resolve(), None
@@ -80,8 +81,23 @@ def resolve_directory(path: str) -> tuple[Path, str | None]:
     return snapshot, snapshot.name
 
 
+def read_json_object(file: Path, what: str) -> dict:
+    """A JSON object in UTF-8 (config.json, the shard index), or one BAIError line naming the file."""
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise BAIError(f"no {file.name} in {file.parent}") from None
+    except UnicodeDecodeError:
+        raise BAIError(f"{file}: corrupt {what} (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise BAIError(f"{file}: corrupt {what} (not JSON: {e.msg} at line {e.lineno})") from None
+    if not isinstance(value, dict):
+        raise BAIError(f"{file}: corrupt {what} (a JSON {type(value).__name__}, not an object)")
+    return value
+
+
 def read_header(file: Path) -> tuple[dict, bytes, int]:
-    """(header dict without metadata, raw header bytes, data start offset); checks the file is complete."""
+    """(header dict without metadata, raw header bytes, data start offset), after `check_header`."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         raw_len = f.read(8)
@@ -92,70 +108,140 @@ def read_header(file: Path) -> tuple[dict, bytes, int]:
             raise BAIError(f"{file}: truncated or corrupt safetensors file (header length {n} exceeds the file)")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BAIError(f"{file}: corrupt safetensors header (not JSON)")
+        raise BAIError(f"{file}: corrupt safetensors header (not JSON)") from None
+    check_header(file, header, size - 8 - n)
     header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end != size:
-        raise BAIError(f"{file}: truncated or corrupt safetensors file (header describes {8 + n + end} bytes, file has {size})")
     return header, raw, 8 + n
 
 
-def open_checkpoint(path: str, label: str) -> Checkpoint:
-    """Read config.json and all safetensors headers of one input; reads no tensor data except fingerprint samples."""
-    directory, revision = resolve_directory(path)
-    index_file, single_file = directory / INDEX_NAME, directory / SINGLE_NAME
+def check_header(file: Path, header, data_size: int) -> None:
+    """What the safetensors format guarantees, checked before a byte of data is read (one BAIError line naming the
+    file and the tensor): a JSON object of entries, each with a known string dtype, a shape of non-negative ints and
+    two int data_offsets; each tensor's byte span equal to its numel x itemsize; the spans, in offset order, tiling
+    the data from 0 to the end of the file without gap or overlap."""
+    if not isinstance(header, dict):
+        raise BAIError(f"{file}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BAIError(f"{file}: corrupt safetensors header (__metadata__ is not an object of strings)")
+    spans = []
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{file}: tensor {name}"
+        if not isinstance(v, dict):
+            raise BAIError(f"{where}: corrupt header entry (a JSON {type(v).__name__}, not an object)")
+        dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise BAIError(f"{where}: corrupt header entry (dtype {dtype!r} is not a string)")
+        if dtype not in DTYPES:
+            raise BAIError(f"{where} has unsupported dtype {dtype} (readable: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise BAIError(f"{where}: corrupt header entry (shape {shape!r} is not a list of non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise BAIError(f"{where}: corrupt header entry (data_offsets {offsets!r} are not two integers)")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise BAIError(f"{where}: corrupt header entry (data_offsets [{begin}, {end}] are not a byte range)")
+        if end > data_size:
+            raise BAIError(f"{file}: truncated or corrupt safetensors file (tensor {name} ends at data byte {end}, "
+                           f"the file has {data_size})")
+        if end - begin != nbytes(tuple(shape), dtype):
+            raise BAIError(f"{where}: shape {shape} of {dtype} is {nbytes(tuple(shape), dtype)} bytes, but its "
+                           f"data_offsets span {end - begin}")
+        spans.append((begin, end, name))
+    spans.sort()
+    position, previous = 0, None
+    for begin, end, name in spans:
+        if begin < position:
+            raise BAIError(f"{file}: tensor {name}: data_offsets [{begin}, {end}] overlap tensor {previous}")
+        if begin > position:
+            raise BAIError(f"{file}: tensor {name}: {begin - position} bytes before its data_offsets belong to no tensor")
+        position, previous = end, name
+    if position != data_size:
+        raise BAIError(f"{file}: truncated or corrupt safetensors file (header describes {position} data bytes, "
+                       f"file has {data_size})")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _shards(directory: Path, label: str) -> dict[Path, list[str] | None]:
+    """Each shard file with the tensors the index assigns to it (None: a single-file checkpoint). An index entry must
+    name a file of the checkpoint directory: a relative path without `..`. The file may be a symlink anywhere, as
+    huggingface_hub's cache keeps them (snapshots/<commit>/NAME -> ../../blobs/<sha256>): the check is about what
+    the index names, not where the bytes live. Each shard is looked up once, whatever the number of tensors."""
+    index_file = directory / INDEX_NAME
     if index_file.exists():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise BAIError(f"{index_file}: corrupt index (expected JSON with a weight_map)")
-        shards = {}
+        weight_map = read_json_object(index_file, "index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise BAIError(f"{index_file}: corrupt index (no weight_map object)")
+        by_shard: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
-            target = (directory / shard).resolve()
-            if os.path.isabs(shard) or target.parent != directory.resolve():
-                raise BAIError(f"{label}: index entry {name!r} points outside the checkpoint directory: {shard}")
-            if not target.is_file():
+            if not isinstance(shard, str):
+                raise BAIError(f"{index_file}: corrupt index (weight_map entry {name!r} is {shard!r}, not a file name)")
+            by_shard.setdefault(shard, []).append(name)
+        shards = {}
+        for shard, names in by_shard.items():
+            parts = PurePosixPath(shard).parts
+            if not parts or os.path.isabs(shard) or ".." in parts or "\\" in shard:
+                raise BAIError(f"{label}: index entry {names[0]!r} points outside the checkpoint directory: {shard}")
+            if not (directory / shard).is_file():
                 raise BAIError(f"{label}: shard {shard} listed in {INDEX_NAME} is missing")
-            shards.setdefault(target, []).append(name)
-    elif single_file.exists():
-        shards = {single_file: None}
-    elif any((directory / n).exists() for n in PICKLE_NAMES) or list(directory.glob("*.bin")):
+            shards[directory / shard] = names
+        return shards
+    if (directory / SINGLE_NAME).exists():
+        return {directory / SINGLE_NAME: None}
+    if any((directory / n).exists() for n in PICKLE_NAMES) or list(directory.glob("*.bin")):
         raise BAIError(
             f"{label}: only pickle weights (*.bin / *.pt) in {directory}; openrlhf-bai reads safetensors only. "
             "Convert once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)"
         )
-    else:
-        raise BAIError(f"{label}: no {SINGLE_NAME} or {INDEX_NAME} in {directory}")
+    raise BAIError(f"{label}: no {SINGLE_NAME} or {INDEX_NAME} in {directory}")
 
+
+def open_checkpoint(path: str, label: str) -> Checkpoint:
+    """Read config.json and all safetensors headers of one input; reads no tensor data except fingerprint samples.
+    The tensors are those the shards hold (as transformers loads them); each one the index lists must be in the
+    shard it names. A tensor stored in two shards is refused: the index names one copy, while transformers loads
+    whichever shard comes later, so which one is the model is not defined."""
+    directory, revision = resolve_directory(path)
+    shards = _shards(directory, label)
     config_file = directory / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
+    if not config_file.is_file():
         raise BAIError(f"{label}: no config.json in {directory}")
-    except json.JSONDecodeError:
-        raise BAIError(f"{config_file}: corrupt config.json")
+    config = read_json_object(config_file, "config.json")
 
     digest = hashlib.sha256(config_file.read_bytes())
     tensors, sizes = {}, {}
     for file in sorted(shards):
         header, raw, start = read_header(file)
         expected = shards[file]
-        if expected is not None and not set(expected) <= set(header):
-            missing = sorted(set(expected) - set(header))[:3]
-            raise BAIError(f"{file}: corrupt shard, tensors listed in the index are missing: {', '.join(missing)}")
+        if expected is not None and not set(expected) <= header.keys():
+            missing = sorted(set(expected) - header.keys())
+            raise BAIError(f"{file}: tensor {missing[0]} is listed in the index for this shard but missing from it"
+                           + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
         for name, v in header.items():
-            if v["dtype"] not in DTYPES:
-                raise BAIError(f"{file}: tensor {name} has unsupported dtype {v['dtype']}")
+            if name in tensors:
+                raise BAIError(f"{label}: tensor {name} is stored twice, in {tensors[name].file.name} and {file.name};"
+                               " which copy is the model is not defined")
             tensors[name] = TensorInfo(file, v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0])
-        sizes[file.name] = file.stat().st_size
+        sizes[file.name] = start + header_data_size(header)
         # Headers and sizes alone cannot tell a fine-tune from its base; a sample of the data can.
         with open(file, "rb") as f:
             digest.update(file.name.encode() + raw + f.read(_SAMPLE))
             f.seek(max(start, sizes[file.name] - _SAMPLE))
             digest.update(f.read(_SAMPLE))
+    if not any(t.dtype in FLOATS for t in tensors.values()):
+        raise BAIError(f"{label}: no floating-point tensor ({', '.join(FLOATS)}) in {directory}; nothing to merge")
     return Checkpoint(label, path, directory, revision, config, tensors, sizes, digest.hexdigest())
+
+
+def header_data_size(header: dict) -> int:
+    return max((v["data_offsets"][1] for v in header.values()), default=0)
 
 
 def read_rows(ckpt: Checkpoint, name: str, start: int, stop: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration import launcher
 from openrlhf_bai.integration.worker import SETUP_HOOK
 from openrlhf_bai.integration.monitor import CONFIG_ENV
-from openrlhf_bai.merger import PROVENANCE, cache_root
+from openrlhf_bai.merger import PROVENANCE, merges_dir
 
 
 def recipe_flags(fam, *extra):
@@ -48,7 +48,7 @@ def test_merge_only_with_dotted_flags_rewrites_the_actor_and_passes_everything_e
     merged = command[command.index("--actor.model_name_or_path") + 1]
     assert command[:3] == [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
     assert command[3:] == ["--actor.model_name_or_path", merged, "--critic.model_name_or_path", merged, *openrlhf[3:]]
-    assert Path(merged).parent == cache_root() / "merged"
+    assert Path(merged).parent == merges_dir()
     recipe = json.loads((Path(merged) / PROVENANCE).read_text())["recipe"]
     assert recipe["coefficients"] == pytest.approx([0.25, 0.375, 0.375])
     assert recipe["sft"] == [str(llama_family["sft_instruct"]), sft]
@@ -79,7 +79,7 @@ def test_a_repeat_run_reuses_the_cached_merge_untouched(llama_family, capsys):
 
 
 def test_actor_init_none_changes_nothing(llama_family, capsys):
-    cache = cache_root() / "merged"
+    cache = merges_dir()
     before = sorted(cache.iterdir()) if cache.exists() else []
     openrlhf = [f"--pretrain={llama_family['sft_reasoning']}", "--actor.model_name_or_path", "a b", "--flag", "-1"]
     assert main([*openrlhf, "--bai.stability", "off", "--bai.merge_only"]) == 0
@@ -220,7 +220,7 @@ def test_example_scripts_merge_and_hand_openrlhf_only_its_own_flags(script, llam
     command = shell_words(run.stdout.strip().splitlines()[-1])
     assert {arg for arg in command[3:] if arg.startswith("--")} <= openrlhf_flags
     merged = Path(command[command.index("--actor.model_name_or_path") + 1])
-    assert merged.parent == tmp_path / "cache" / "merged"
+    assert merged.parent == tmp_path / "cache" / "merges"
     assert json.loads((merged / PROVENANCE).read_text())["recipe"]["coefficients"] == pytest.approx([0.5, 0.25, 0.25])
 
 

@@ -136,14 +136,18 @@ def test_two_processes_merge_once(llama_family, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["bai"]
 
 
-def test_dry_run_and_mergekit_export_write_nothing_else(llama_family, tmp_path, capsys):
+def test_dry_run_writes_nothing_and_the_mergekit_yaml_comes_with_the_merge(llama_family, tmp_path, capsys):
     f = llama_family
-    code, out, _ = run_cli(capsys, "--base", f["base"], "--sft", f["sft_instruct"], f["sft_reasoning"], "--alpha", "0.1",
-                           "--output", tmp_path / "bai", "--dry-run", "--export-mergekit", tmp_path / "mk.yml")
-    assert code == 0 and "dry run" in out and "disk needed" in out
-    assert not (tmp_path / "bai").exists()
+    args = ["--base", f["base"], "--sft", f["sft_instruct"], f["sft_reasoning"], "--alpha", "0.1",
+            "--output", tmp_path / "bai", "--export-mergekit", tmp_path / "mk.yml"]
+    code, out, _ = run_cli(capsys, *args, "--dry-run")
+    assert code == 0 and "dry run" in out and "disk needed" in out and "mergekit equivalent would go to" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not the merge, not the YAML, not a lock file
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and "mergekit equivalent written to" in out
     yml = (tmp_path / "mk.yml").read_text()
     assert "merge_method: linear" in yml and "weight: 0.1" in yml and yml.count("weight: 0.45") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bai", "mk.yml"]
 
 
 def test_vocabulary_grown_by_an_sft_model(llama_family, tmp_path, capsys):
@@ -324,12 +328,12 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 def test_output_is_the_same_for_any_thread_count(moe_family, llama_family, tmp_path, monkeypatch):
     """Slices cut inside tensors and across tensor boundaries, finished in any order, give the same bytes."""
-    import openrlhf_bai.merger as merger
+    import openrlhf_bai.merge_stream as merge_stream
 
     f = moe_family
     recipe = BAIRecipe(base=f["base"], sft=(f["sft_instruct"], f["sft_reasoning"]), alpha=0.3, max_shard_size="100KB")
     one = merge(recipe, tmp_path / "one", progress=False, threads=1)
-    monkeypatch.setattr(merger, "CHUNK_ELEMENTS", 1000)  # many slices per tensor, many tensors per run
+    monkeypatch.setattr(merge_stream, "CHUNK_ELEMENTS", 1000)  # many slices per tensor, many tensors per run
     four = merge(recipe, tmp_path / "four", progress=False, threads=4)
     names = sorted(p.name for p in one.iterdir())
     assert len([n for n in names if n.endswith(".safetensors")]) > 1 and names == sorted(p.name for p in four.iterdir())
@@ -415,7 +419,7 @@ def test_a_disk_that_fills_mid_write_gives_one_line_and_leaves_nothing(llama_fam
     out = tmp_path / "bai"
     code, _, err = run_cli(capsys, "--base", f["base"], "--sft", f["sft_instruct"], f["sft_reasoning"], "--output", out)
     assert code == 1 and err.count("\n") == 1, err
-    assert f"disk full while writing {out}: the merge needs " in err and "nothing was left behind" in err
+    assert f"disk full while writing {out}: it needs " in err and "nothing was left behind" in err
     assert leftovers(out) == [] and not out.exists()
 
 

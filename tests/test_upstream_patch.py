@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from openrlhf_bai.merger import PROVENANCE, cache_root
+from openrlhf_bai.merger import PROVENANCE, merges_dir
 
 PATCH = Path(__file__).resolve().parents[1] / "patches" / "openrlhf-0.11.2-actor-init.patch"
 OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
@@ -84,7 +84,7 @@ def test_actor_init_bai_reaches_the_plugin_initializer(patched, llama_family):
     lines = run.stdout.strip().splitlines()
     merged = Path(lines[-1])
     assert lines[-2] == f"openrlhf-bai: actor initialized from {merged} (alpha 0.25)"
-    assert merged.parent == cache_root() / "merged"  # the launcher's shared merge cache
+    assert merged.parent == merges_dir()  # the launcher's shared merge cache
     recipe = json.loads((merged / PROVENANCE).read_text())["recipe"]
     assert recipe["coefficients"] == pytest.approx([0.25, 0.375, 0.375])
     assert recipe["sft"] == [fam["sft_instruct"], fam["sft_reasoning"]]

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from openrlhf_bai.merger import check_destination, existing_parent, merge_or_reuse, plan_merge
+    from openrlhf_bai.atomic import check_output_file, write_text_atomic
+    from openrlhf_bai.merger import check_destination, existing_parent, merge_or_reuse, output_size, plan_merge
     from openrlhf_bai.recipe import to_mergekit_yaml
 
     a = build_parser().parse_args(argv)
@@ -60,21 +61,24 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_merge(recipe)
     output = Path(a.output).expanduser().absolute()
     reuse = check_destination(output, plan, a.overwrite)
+    if a.export_mergekit:
+        check_output_file(a.export_mergekit, [f for c in plan.inputs for f in c.directory.iterdir()], "--export-mergekit")
     coefficients = ", ".join(f"{c.label.split()[0]}={w:.4g}" for c, w in zip(plan.inputs, recipe.coefficients()))
     print(f"BAI merge: alpha={recipe.alpha:g}, coefficients {coefficients}, dtype {plan.out_dtype}")
     print(f"  {len(plan.tensors)} tensors in {len(plan.shards)} shard(s); read {plan.bytes_to_read / 1e6:.1f} MB, "
           f"write {plan.bytes_to_write / 1e6:.1f} MB; recipe hash {plan.recipe_hash[:16]}")
-    if a.export_mergekit:
-        Path(a.export_mergekit).write_text(to_mergekit_yaml(recipe, plan.out_dtype))
-        print(f"  mergekit equivalent written to {a.export_mergekit}")
-    if a.dry_run:
+    if a.dry_run:  # writes nothing, the mergekit YAML included
         free = shutil.disk_usage(existing_parent(output)).free
         state = "holds this merge already (would be reused)" if reuse else "would be written"
-        print(f"  dry run: {output} {state}; disk needed {plan.bytes_to_write / 1e6:.1f} MB, free {free / 1e9:.1f} GB")
+        print(f"  dry run: {output} {state}; disk needed {output_size(plan) / 1e6:.1f} MB, free {free / 1e9:.1f} GB"
+              + (f"; mergekit equivalent would go to {a.export_mergekit}" if a.export_mergekit else ""))
         return 0
     _, reused = merge_or_reuse(recipe, output, overwrite=a.overwrite, progress=not a.no_progress, plan=plan,
                                threads=a.threads)
     print(f"{'reused' if reused else 'wrote'} {output}")
+    if a.export_mergekit:  # only once the merge it describes exists
+        write_text_atomic(a.export_mergekit, to_mergekit_yaml(recipe, plan.out_dtype))
+        print(f"  mergekit equivalent written to {a.export_mergekit}")
     return 0
 
 

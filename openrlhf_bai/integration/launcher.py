@@ -59,8 +59,9 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
     parser.add_argument("--bai.dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="dtype of the merged checkpoint (default auto: the base's)")
     parser.add_argument("--bai.output_dir", default=None, metavar="DIR",
-                        help="directory for the merged actor (default: the shared cache, $OPENRLHF_BAI_CACHE or "
-                             "~/.cache/openrlhf_bai, one directory per recipe hash, reused by a repeat run)")
+                        help="directory for the merged actor (default: the shared cache, $OPENRLHF_BAI_CACHE/merges, "
+                             "~/.cache/openrlhf-bai/merges when unset, one directory per recipe hash, reused by a "
+                             "repeat run)")
     parser.add_argument("--bai.overwrite", action="store_true",
                         help="replace a --bai.output_dir that holds something else")
     parser.add_argument("--bai.materialize", choices=("shared", "per_node"), default="shared",

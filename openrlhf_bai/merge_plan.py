@@ -1,0 +1,170 @@
+"""Planning a BAI merge: every check, reading only configs and safetensors headers, before any tensor is read.
+
+plan_merge(recipe) -> MergePlan   open each input (checkpoint_io), check architecture / names / shapes / vocabulary
+                                  rows, choose the output dtype, lay the output out in shards, hash the recipe
+provenance(plan)                  the record written beside the merged weights (bai_recipe.json)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from openrlhf_bai import checkpoint_io as io
+from openrlhf_bai.errors import BAIError
+from openrlhf_bai.recipe import DTYPES, BAIRecipe
+
+PROVENANCE = "bai_recipe.json"
+# Bump when the output bytes for the same recipe would change. 2: tensors in the base's storage order (was: by name).
+FORMAT_VERSION = 2
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]  # output shape
+    dtype: str  # output dtype (safetensors name)
+    rows: tuple[int, ...]  # each input's row count (equal unless the vocabulary differs)
+    merged: bool  # floating tensors are merged; others are copied from the config source
+
+
+@dataclass
+class MergePlan:
+    recipe: BAIRecipe
+    inputs: list[io.Checkpoint]  # base first, then the SFT models
+    tensors: list[TensorPlan]
+    shards: list[tuple[str, list[TensorPlan]]]
+    out_dtype: str  # bf16 / fp16 / fp32
+    config_src: int
+    tokenizer_src: int
+    recipe_hash: str
+
+    @property
+    def bytes_to_read(self) -> int:
+        return sum(io.nbytes((r, *t.shape[1:]) if t.shape else (), c.tensors[t.name].dtype)
+                   for t in self.tensors for c, r in zip(self.inputs, t.rows))
+
+    @property
+    def bytes_to_write(self) -> int:
+        """Tensor data only; `merge_stream.output_files` gives every file's exact size."""
+        return sum(io.nbytes(t.shape, t.dtype) for t in self.tensors)
+
+
+def labels(recipe: BAIRecipe) -> list[str]:
+    return [f"base ({recipe.base})"] + [f"sft[{i + 1}] ({p})" for i, p in enumerate(recipe.sft)]
+
+
+def some(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def _is_vocab_tensor(name: str, shapes: list[tuple], inputs: list[io.Checkpoint]) -> bool:
+    """A tensor whose row count is each input's vocab_size (embeddings, lm_head) and whose other dims agree."""
+    return all(s[1:] == shapes[0][1:] and len(s) == len(shapes[0]) for s in shapes) and all(
+        s and s[0] == c.config.get("vocab_size") for s, c in zip(shapes, inputs)
+    )
+
+
+def plan_merge(recipe: BAIRecipe) -> MergePlan:
+    """Every check the merge needs, reading only configs and safetensors headers."""
+    recipe.validate()
+    paths = recipe.inputs()
+    inputs = [io.open_checkpoint(p, label) for p, label in zip(paths, labels(recipe))]
+    config_src = paths.index(recipe.config_from or recipe.sft[0])
+    tokenizer_src = paths.index(recipe.tokenizer_from or recipe.sft[0])
+
+    base = inputs[0]
+    arch = (base.config.get("architectures"), base.config.get("model_type"))
+    for c in inputs[1:]:
+        other = (c.config.get("architectures"), c.config.get("model_type"))
+        if other != arch:
+            raise BAIError(f"architecture differs: {base.label} is {arch[0]} ({arch[1]}), {c.label} is {other[0]} ({other[1]})")
+
+    # Tied embeddings: lm_head is the embedding, so a copy that only some inputs saved is dropped.
+    names_per_input = [set(c.tensors) for c in inputs]
+    if inputs[config_src].config.get("tie_word_embeddings", False):
+        names_per_input = [n - {"lm_head.weight"} for n in names_per_input]
+    for c, names in zip(inputs[1:], names_per_input[1:]):
+        if names != names_per_input[0]:
+            raise BAIError(
+                f"tensor names differ between {base.label} and {c.label}: "
+                f"only in base: {some(names_per_input[0] - names) or '-'}; only in {c.label.split()[0]}: {some(names - names_per_input[0]) or '-'}"
+            )
+
+    if recipe.dtype == "auto":
+        float_dtypes = [t.dtype for t in base.tensors.values() if t.dtype in io.FLOATS]
+        out_dtype = {v: k for k, v in DTYPES.items()}.get(max(set(float_dtypes), key=float_dtypes.count), "fp32")
+    else:
+        out_dtype = recipe.dtype
+
+    # The base's storage order: the merge then reads every input front to back, and tensors that lie side by side
+    # in all inputs are merged as one run (merge_stream), as in name order for a single file but not across shards.
+    tensors = []
+    for name in sorted(names_per_input[0], key=lambda n: (base.tensors[n].file.name, base.tensors[n].offset)):
+        infos = [c.tensors[name] for c in inputs]
+        shapes = [i.shape for i in infos]
+        if any(s != shapes[0] for s in shapes):
+            if not _is_vocab_tensor(name, shapes, inputs):
+                k = next(k for k, s in enumerate(shapes) if s != shapes[0])
+                raise BAIError(f"shape mismatch for tensor {name}: {list(shapes[0])} in {base.label}, {list(shapes[k])} in {inputs[k].label}")
+            if recipe.vocab_mismatch == "error":
+                rows = ", ".join(f"{s[0]} in {c.label.split()[0]}" for s, c in zip(shapes, inputs))
+                raise BAIError(
+                    f"vocabulary sizes differ: {name} has {rows} rows (an SFT model added tokens); pass "
+                    "--vocab-mismatch renormalize (launcher: --bai.vocab_mismatch) to merge each row over the inputs "
+                    "that have it"
+                )
+        merged = all(i.dtype in io.FLOATS for i in infos)
+        out_shape = shapes[config_src]
+        tensors.append(TensorPlan(name, out_shape, DTYPES[out_dtype] if merged else infos[config_src].dtype,
+                                  tuple(io.rows_of(s) for s in shapes), merged))
+
+    # Shards as transformers lays them out: close a shard when the next tensor would pass the limit.
+    limit, shards, current, size = io.parse_size(recipe.max_shard_size), [], [], 0
+    for t in tensors:
+        n = io.nbytes(t.shape, t.dtype)
+        if current and size + n > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += n
+    shards.append(current)
+    names = [io.SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    key = {
+        "format": FORMAT_VERSION, "coefficients": recipe.coefficients(), "alpha": recipe.alpha,
+        "weights": recipe.weights(), "dtype": out_dtype, "vocab_mismatch": recipe.vocab_mismatch,
+        "max_shard_size": limit, "config_src": config_src, "tokenizer_src": tokenizer_src,
+        "inputs": [c.fingerprint for c in inputs],
+        "tokenizer": _tokenizer_digest(inputs[tokenizer_src].directory),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return MergePlan(recipe, inputs, tensors, list(zip(names, shards)), out_dtype, config_src, tokenizer_src, digest)
+
+
+def _tokenizer_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for name in io.TOKENIZER_FILES + ("generation_config.json",):
+        if (directory / name).is_file():
+            h.update(name.encode() + (directory / name).read_bytes())
+    return h.hexdigest()
+
+
+def provenance(plan: MergePlan) -> dict:
+    from openrlhf_bai import __version__
+
+    return {
+        "recipe": plan.recipe.as_dict(),
+        "recipe_hash": plan.recipe_hash,
+        "output_dtype": plan.out_dtype,
+        "openrlhf_bai_version": __version__,
+        "inputs": [
+            {"role": "base" if k == 0 else "sft", "path": c.path, "revision": c.revision,
+             "file_sizes": c.file_sizes, "fingerprint": c.fingerprint}
+            for k, c in enumerate(plan.inputs)
+        ],
+    }
