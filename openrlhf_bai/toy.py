@@ -132,3 +132,45 @@ def write_family(
         paths[name] = write_model(root / name, config, seed=0, finetune_seed=ft, dtype=dtype,
                                   max_shard_size=max_shard_size, tokenizer_dir=tok_dir)
     return paths
+
+
+def put_in_hub_cache(src_dir: str | Path, cache_dir: str | Path, repo_id: str, commit: str | None = None) -> Path:
+    """Lay a checkpoint directory out in a huggingface_hub cache as a download leaves it, with huggingface_hub's
+    own cache code: models--ORG--NAME/blobs/<sha256 of LFS files (*.safetensors), git sha1 of the others>,
+    snapshots/<commit>/FILE -> ../../blobs/<...> (relative symlinks), refs/main, and trees/<commit>.json, the tree
+    listing an offline snapshot_download checks the snapshot's completeness against. Returns the snapshot."""
+    import hashlib
+    import shutil
+
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+    from huggingface_hub.file_download import (_cache_commit_hash_for_specific_revision, _create_symlink,
+                                               repo_folder_name)
+    from huggingface_hub.utils.sha import git_hash, sha_fileobj
+
+    src = Path(src_dir)
+    storage = Path(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    files = sorted(f for f in src.rglob("*") if f.is_file())
+    commit = commit or hashlib.sha1(b"".join(f.relative_to(src).as_posix().encode() for f in files)
+                                    + repo_id.encode()).hexdigest()
+    entries = {}
+    for f in files:
+        rel, size = f.relative_to(src).as_posix(), f.stat().st_size
+        if f.suffix == ".safetensors":  # stored with git LFS on the hub: the blob is named by its sha256
+            with open(f, "rb") as fh:
+                sha256 = sha_fileobj(fh).hex()
+            pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+            entry, etag = TreeCacheEntry(size, git_hash(pointer), sha256, size), sha256
+        else:
+            entry = TreeCacheEntry(size, git_hash(f.read_bytes()))
+            etag = entry.blob_id
+        blob = storage / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        if not blob.exists():
+            shutil.copyfile(f, blob)
+        link = storage / "snapshots" / commit / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        _create_symlink(str(blob), str(link), new_blob=False)
+        entries[rel] = entry
+    _cache_commit_hash_for_specific_revision(str(storage), "main", commit)
+    write_tree_cache(str(storage), commit, entries)
+    return storage / "snapshots" / commit
