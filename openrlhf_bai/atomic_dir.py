@@ -70,9 +70,10 @@ def check_output_dir(output: Path, done, overwrite: bool) -> bool:
     return False
 
 
-def write_dir(output: str | os.PathLike, write, *, done, overwrite: bool, size: int) -> bool:
+def write_dir(output: str | os.PathLike, write, *, done, overwrite: bool, size) -> bool:
     """Write directory `output` through write(tmp) and return False, or return True when done(output) already holds
-    (see the module docstring). A symlink to a directory is written through: its target is replaced."""
+    (see the module docstring). A symlink to a directory is written through: its target is replaced. size() gives
+    the bytes the output will take (asked only when it is written)."""
     output = Path(output).expanduser().absolute()
     if check_output_dir(output, done, overwrite) and not _leftovers(output.resolve()):
         return True
@@ -83,7 +84,7 @@ def write_dir(output: str | os.PathLike, write, *, done, overwrite: bool, size: 
             remove_stale(real)  # before the disk check: a killed writer's leftovers may be what fills the disk
             if check_output_dir(output, done, overwrite):  # another process finished it while we waited
                 return True
-            free = shutil.disk_usage(real.parent).free
+            free, size = shutil.disk_usage(real.parent).free, size()
             if free < size:
                 raise BAIError(f"not enough disk for {output}: {_size(size)} needed, {_size(free)} free")
             _write_and_swap(real, write, output, size)

@@ -21,7 +21,7 @@ PROVENANCE = "bai_recipe.json"
 FORMAT_VERSION = 2
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorPlan:
     name: str
     shape: tuple[int, ...]  # output shape
@@ -40,16 +40,8 @@ class MergePlan:
     config_src: int
     tokenizer_src: int
     recipe_hash: str
-
-    @property
-    def bytes_to_read(self) -> int:
-        return sum(io.nbytes((r, *t.shape[1:]) if t.shape else (), c.tensors[t.name].dtype)
-                   for t in self.tensors for c, r in zip(self.inputs, t.rows))
-
-    @property
-    def bytes_to_write(self) -> int:
-        """Tensor data only; `merge_stream.output_files` gives every file's exact size."""
-        return sum(io.nbytes(t.shape, t.dtype) for t in self.tensors)
+    bytes_to_read: int  # tensor data of all inputs
+    bytes_to_write: int  # tensor data of the output; `merge_stream.output_size` gives every file's exact size
 
 
 def labels(recipe: BAIRecipe) -> list[str]:
@@ -102,11 +94,13 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
 
     # The base's storage order: the merge then reads every input front to back, and tensors that lie side by side
     # in all inputs are merged as one run (merge_stream), as in name order for a single file but not across shards.
-    tensors = []
-    for name in sorted(names_per_input[0], key=lambda n: (base.tensors[n].file.name, base.tensors[n].offset)):
+    tensors, sizes, bytes_to_read = [], [], 0
+    shard_rank = {f: i for i, f in enumerate(sorted({t.file for t in base.tensors.values()}, key=lambda f: f.name))}
+    order = sorted((shard_rank[base.tensors[n].file], base.tensors[n].offset, n) for n in names_per_input[0])
+    for _, _, name in order:
         infos = [c.tensors[name] for c in inputs]
         shapes = [i.shape for i in infos]
-        if any(s != shapes[0] for s in shapes):
+        if shapes.count(shapes[0]) != len(shapes):
             if not _is_vocab_tensor(name, shapes, inputs):
                 k = next(k for k, s in enumerate(shapes) if s != shapes[0])
                 raise BAIError(f"shape mismatch for tensor {name}: {list(shapes[0])} in {base.label}, {list(shapes[k])} in {inputs[k].label}")
@@ -117,15 +111,18 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
                     "--vocab-mismatch renormalize (launcher: --bai.vocab_mismatch) to merge each row over the inputs "
                     "that have it"
                 )
+            rows = tuple(io.rows_of(s) for s in shapes)
+        else:
+            rows = (io.rows_of(shapes[0]),) * len(shapes)
         merged = all(i.dtype in io.FLOATS for i in infos)
-        out_shape = shapes[config_src]
-        tensors.append(TensorPlan(name, out_shape, DTYPES[out_dtype] if merged else infos[config_src].dtype,
-                                  tuple(io.rows_of(s) for s in shapes), merged))
+        tensors.append(TensorPlan(name, shapes[config_src], DTYPES[out_dtype] if merged else infos[config_src].dtype,
+                                  rows, merged))
+        sizes.append(io.nbytes(tensors[-1].shape, tensors[-1].dtype))
+        bytes_to_read += sum(io.nbytes(i.shape, i.dtype) for i in infos)
 
     # Shards as transformers lays them out: close a shard when the next tensor would pass the limit.
     limit, shards, current, size = io.parse_size(recipe.max_shard_size), [], [], 0
-    for t in tensors:
-        n = io.nbytes(t.shape, t.dtype)
+    for t, n in zip(tensors, sizes):
         if current and size + n > limit:
             shards.append(current)
             current, size = [], 0
@@ -143,7 +140,8 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
         "tokenizer": _tokenizer_digest(inputs[tokenizer_src].directory),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return MergePlan(recipe, inputs, tensors, list(zip(names, shards)), out_dtype, config_src, tokenizer_src, digest)
+    return MergePlan(recipe, inputs, tensors, list(zip(names, shards)), out_dtype, config_src, tokenizer_src, digest,
+                     bytes_to_read, sum(sizes))
 
 
 def _tokenizer_digest(directory: Path) -> str:

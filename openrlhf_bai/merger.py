@@ -65,7 +65,7 @@ def check_not_an_input(output_dir: Path, plan: MergePlan) -> None:
     real = Path(output_dir).expanduser().absolute().resolve()
     for c in plan.inputs:
         places = {c.directory.absolute(), c.directory.resolve()}
-        read = {t.file for t in c.tensors.values()} | {c.directory / n for n in READ_BESIDE}
+        read = {c.directory / n for n in (*c.file_sizes, *READ_BESIDE)}
         places.update(f.resolve().parent for f in read if f.exists())
         if c.revision is not None:  # models--org--name/snapshots/<commit>
             places.add(c.directory.resolve().parent.parent)
@@ -111,7 +111,7 @@ def merge_or_reuse(recipe: BAIRecipe, output_dir: str | Path, *, overwrite: bool
     check_not_an_input(output_dir, plan)
     try:
         reused = write_dir(output_dir, lambda tmp: write_merge(plan, tmp, progress, threads), overwrite=overwrite,
-                           done=lambda d: existing_merge_hash(d) == plan.recipe_hash, size=output_size(plan))
+                           done=lambda d: existing_merge_hash(d) == plan.recipe_hash, size=lambda: output_size(plan))
     finally:
         for c in plan.inputs:
             io.close(c)
