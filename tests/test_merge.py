@@ -183,28 +183,6 @@ def test_vocabulary_grown_by_an_sft_model(llama_family, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab + extra
 
 
-def test_hub_id_resolves_from_the_offline_cache(llama_family, tmp_path, monkeypatch):
-    """A hub id goes through huggingface_hub, which in offline mode serves its local cache."""
-    f = llama_family
-    cache = tmp_path / "hub"
-    snap = cache / "models--acme--tiny-base" / "snapshots" / ("a" * 40)
-    shutil.copytree(f["base"], snap)
-    (cache / "models--acme--tiny-base" / "refs").mkdir()
-    (cache / "models--acme--tiny-base" / "refs" / "main").write_text("a" * 40)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-    recipe = BAIRecipe(base="acme/tiny-base", sft=(f["sft_instruct"], f["sft_reasoning"]))
-    out = merge(recipe, tmp_path / "bai", progress=False)
-    record = json.loads((out / "bai_recipe.json").read_text())
-    assert record["inputs"][0] == {**record["inputs"][0], "path": "acme/tiny-base", "revision": "a" * 40}
-    local = merge(BAIRecipe(base=str(f["base"]), sft=recipe.sft), tmp_path / "local", progress=False)
-    assert (out / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
-
-
 # --- bad input: exit 1, one line naming the problem, nothing at --output -----------------------------------------
 
 
