@@ -99,26 +99,18 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
     order = sorted((shard_rank[base.tensors[n].file], base.tensors[n].offset, n) for n in names_per_input[0])
     for _, _, name in order:
         infos = [c.tensors[name] for c in inputs]
-        shapes = [i.shape for i in infos]
-        if shapes.count(shapes[0]) != len(shapes):
-            if not _is_vocab_tensor(name, shapes, inputs):
-                k = next(k for k, s in enumerate(shapes) if s != shapes[0])
-                raise BAIError(f"shape mismatch for tensor {name}: {list(shapes[0])} in {base.label}, {list(shapes[k])} in {inputs[k].label}")
-            if recipe.vocab_mismatch == "error":
-                rows = ", ".join(f"{s[0]} in {c.label.split()[0]}" for s, c in zip(shapes, inputs))
-                raise BAIError(
-                    f"vocabulary sizes differ: {name} has {rows} rows (an SFT model added tokens); pass "
-                    "--vocab-mismatch renormalize (launcher: --bai.vocab_mismatch) to merge each row over the inputs "
-                    "that have it"
-                )
-            rows = tuple(io.rows_of(s) for s in shapes)
+        kinds = [(i.shape, i.dtype) for i in infos]
+        if kinds.count(kinds[0]) == len(kinds):  # the usual case, a few operations for each of 47k tensors
+            shape, dtype = kinds[0]
+            merged = dtype in io.FLOATS
+            t = TensorPlan(name, shape, DTYPES[out_dtype] if merged else dtype, (io.rows_of(shape),) * len(infos),
+                           merged)
+            bytes_to_read += io.nbytes(shape, dtype) * len(infos)
         else:
-            rows = (io.rows_of(shapes[0]),) * len(shapes)
-        merged = all(i.dtype in io.FLOATS for i in infos)
-        tensors.append(TensorPlan(name, shapes[config_src], DTYPES[out_dtype] if merged else infos[config_src].dtype,
-                                  rows, merged))
-        sizes.append(io.nbytes(tensors[-1].shape, tensors[-1].dtype))
-        bytes_to_read += sum(io.nbytes(i.shape, i.dtype) for i in infos)
+            t = _tensor_plan(name, infos, inputs, recipe, config_src, out_dtype)
+            bytes_to_read += sum(io.nbytes(i.shape, i.dtype) for i in infos)
+        tensors.append(t)
+        sizes.append(io.nbytes(t.shape, t.dtype))
 
     # Shards as transformers lays them out: close a shard when the next tensor would pass the limit.
     limit, shards, current, size = io.parse_size(recipe.max_shard_size), [], [], 0
@@ -142,6 +134,25 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return MergePlan(recipe, inputs, tensors, list(zip(names, shards)), out_dtype, config_src, tokenizer_src, digest,
                      bytes_to_read, sum(sizes))
+
+
+def _tensor_plan(name, infos, inputs, recipe: BAIRecipe, config_src: int, out_dtype: str) -> TensorPlan:
+    """A tensor whose shape or dtype differs between inputs: only the rows of a grown vocabulary may differ."""
+    base, shapes = inputs[0], [i.shape for i in infos]
+    if shapes.count(shapes[0]) != len(shapes):
+        if not _is_vocab_tensor(name, shapes, inputs):
+            k = next(k for k, s in enumerate(shapes) if s != shapes[0])
+            raise BAIError(f"shape mismatch for tensor {name}: {list(shapes[0])} in {base.label}, {list(shapes[k])} in {inputs[k].label}")
+        if recipe.vocab_mismatch == "error":
+            rows = ", ".join(f"{s[0]} in {c.label.split()[0]}" for s, c in zip(shapes, inputs))
+            raise BAIError(
+                f"vocabulary sizes differ: {name} has {rows} rows (an SFT model added tokens); pass "
+                "--vocab-mismatch renormalize (launcher: --bai.vocab_mismatch) to merge each row over the inputs "
+                "that have it"
+            )
+    merged = all(i.dtype in io.FLOATS for i in infos)
+    return TensorPlan(name, shapes[config_src], DTYPES[out_dtype] if merged else infos[config_src].dtype,
+                      tuple(io.rows_of(s) for s in shapes), merged)
 
 
 def _tokenizer_digest(directory: Path) -> str:
