@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(a.output).expanduser().absolute()
     reuse = check_destination(output, plan, a.overwrite)
     if a.export_mergekit:
-        check_output_file(a.export_mergekit, [f for c in plan.inputs for f in c.directory.iterdir()], "--export-mergekit")
+        inputs = [f for c in plan.inputs for f in c.directory.iterdir()]
+        check_output_file(a.export_mergekit, inputs, "--export-mergekit")
     coefficients = ", ".join(f"{c.label.split()[0]}={w:.4g}" for c, w in zip(plan.inputs, recipe.coefficients()))
     print(f"BAI merge: alpha={recipe.alpha:g}, coefficients {coefficients}, dtype {plan.out_dtype}")
     print(f"  {len(plan.tensors)} tensors in {len(plan.shards)} shard(s); read {plan.bytes_to_read / 1e6:.1f} MB, "
