@@ -22,6 +22,7 @@ import json
 import os
 import runpy
 import shlex
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -116,19 +117,108 @@ def init_actor(args) -> None:
     recipe = BAIRecipe(base=bai.base, sft=tuple(sft), alpha=bai.alpha, dtype=bai.dtype,
                        sft_weights=tuple(bai.sft_weights) if bai.sft_weights else None,
                        vocab_mismatch=bai.vocab_mismatch, config_from=bai.config_from, tokenizer_from=bai.tokenizer_from)
-    merged = str(materialize(recipe, bai))
+    from openrlhf_bai.merger import cache_dir_for, plan_merge
+
+    plan = plan_merge(recipe)  # every check, reading headers only
+    out = Path(bai.output_dir).expanduser().absolute() if bai.output_dir else cache_dir_for(recipe, plan)
+    say_before_merge(args, plan, out)
+    merged = str(materialize(recipe, bai, plan, out))
     args.actor.model_name_or_path = merged
     critic = getattr(args, "critic", None)
     if critic is not None and previous is not None and critic.model_name_or_path == previous:
         critic.model_name_or_path = merged
 
 
-def materialize(recipe, bai) -> Path:
-    """The merged checkpoint's directory, written or reused where every node reads it (--bai.materialize)."""
-    from openrlhf_bai.merger import cache_dir_for, merge, plan_merge
+def say_before_merge(args, plan, out: Path) -> None:
+    """Before the merge, and hours before a GPU job would find out: the plan on stdout, and one warning line on stderr
+    for each way the merged checkpoint would train differently from the actor model the command names. The merge
+    takes config and tokenizer from one input (the first --bai.sft by default), often not today's actor."""
+    from openrlhf_bai.merger import existing_merge_hash, existing_parent
 
-    plan = plan_merge(recipe)  # every check, reading headers only
-    out = Path(bai.output_dir).expanduser().absolute() if bai.output_dir else cache_dir_for(recipe, plan)
+    if existing_merge_hash(out) == plan.recipe_hash:
+        where = f"{out} holds it already (reused)"
+    else:
+        free = shutil.disk_usage(existing_parent(out)).free
+        size = f"{plan.bytes_to_write / 1e9:.2f} GB" if plan.bytes_to_write >= 1e8 else f"{plan.bytes_to_write / 1e6:.2f} MB"
+        where = f"{size} to write into {out} ({free / 1e9:.2f} GB free there)"
+    print(f"openrlhf-bai: BAI merge of {len(plan.inputs)} inputs (alpha {plan.recipe.alpha:g}), {len(plan.tensors)} "
+          f"tensors: {where}")
+
+    def warn(message):
+        print(f"openrlhf-bai: warning: {message}", file=sys.stderr)
+
+    config_src, tokenizer_src = plan.inputs[plan.config_src], plan.inputs[plan.tokenizer_src]
+    config = config_src.config.get("text_config") or config_src.config  # multimodal configs nest the LLM's
+    positions = config.get("max_position_embeddings")
+    data = getattr(args, "data", None)
+    if getattr(args, "prompt_max_len", None) or getattr(args, "generate_max_len", None):  # before OpenRLHF 0.10
+        length = (args.prompt_max_len or 1024) + (args.generate_max_len or 1024)
+        length_flags = "--prompt_max_len + --generate_max_len"
+    else:
+        length = getattr(data, "max_len", None) or 2048  # OpenRLHF 0.10/0.11: prompt + response, default 2048
+        length_flags = "--data.max_len"
+    if isinstance(positions, int) and positions < length:
+        warn(f"max_position_embeddings is {positions} in the config the merge takes from {config_src.label}, below "
+             f"the command's prompt + generation length ({length_flags} {length}); pass --bai.config_from with a "
+             "longer-context input or lower the length")
+
+    actor = args.actor.model_name_or_path
+    if not actor:
+        return
+    actor_dir = next((c.directory for c in plan.inputs if c.path == actor), None)
+    if actor_dir is None and Path(actor).expanduser().is_dir():
+        actor_dir = Path(actor).expanduser().resolve()
+    elif actor_dir is None:  # a hub id not among the inputs: its small files only, never its weights
+        try:
+            from huggingface_hub import snapshot_download
+
+            actor_dir = Path(snapshot_download(actor, allow_patterns=["*.json", "*.jinja"]))
+        except Exception as e:
+            warn(f"cannot read the actor {actor} to compare chat template and EOS token ({type(e).__name__})")
+            return
+    named = f"the actor you named ({actor})"
+    if tokenizer_src.directory != actor_dir and _chat_template(tokenizer_src.directory) != _chat_template(actor_dir):
+        warn(f"chat template differs: the merge takes its tokenizer from {tokenizer_src.label}, not from {named}; "
+             f"pass --bai.tokenizer_from {actor} to keep today's")
+    ours, theirs = _eos(tokenizer_src.directory, config_src.directory), _eos(actor_dir, actor_dir)
+    if (tokenizer_src.directory, config_src.directory) != (actor_dir, actor_dir) and ours != theirs:
+        warn(f"EOS token differs: the merge stops on {ours[0]!r} (ids {ours[1]}) from {tokenizer_src.label} / "
+             f"{config_src.label}, {named} on {theirs[0]!r} (ids {theirs[1]}); pass --bai.tokenizer_from and "
+             f"--bai.config_from {actor} to keep today's")
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _chat_template(directory: Path):
+    """The template transformers would use: chat_template.jinja, else chat_template.json, else tokenizer_config's."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    return (_json(directory / "chat_template.json").get("chat_template")
+            or _json(directory / "tokenizer_config.json").get("chat_template"))
+
+
+def _eos(tokenizer_dir: Path, config_dir: Path) -> tuple:
+    """(the tokenizer's EOS token, the EOS ids generation stops on: generation_config.json, else config.json)."""
+    token = _json(tokenizer_dir / "tokenizer_config.json").get("eos_token") \
+        or _json(tokenizer_dir / "special_tokens_map.json").get("eos_token")
+    if isinstance(token, dict):  # {"content": "<|im_end|>", ...}
+        token = token.get("content")
+    ids = _json(config_dir / "generation_config.json").get("eos_token_id")
+    if ids is None:
+        ids = _json(config_dir / "config.json").get("eos_token_id")
+    return token, sorted(ids) if isinstance(ids, list) else [ids] if ids is not None else []
+
+
+def materialize(recipe, bai, plan, out: Path) -> Path:
+    """`out`, the merged checkpoint's directory, written or reused where every node reads it (--bai.materialize)."""
+    from openrlhf_bai.merger import merge
+
     if bai.materialize == "shared":
         return merge(recipe, out, overwrite=bai.overwrite, plan=plan, threads=bai.threads)
 
@@ -295,10 +385,13 @@ def _actor_init_bai(rest: list[str], bai) -> list[str]:
         return len(rest) - 1 - rest[::-1].index(flag)
 
     actor_at, critic_at = last_index(actor_flag), last_index(critic_flag)
+    lengths = {flag: rest[at + 1] for flag in ("--data.max_len", "--prompt_max_len", "--generate_max_len")
+               if (at := last_index(flag)) is not None and rest[at + 1].isdigit()}  # for say_before_merge
     args = SimpleNamespace(
         actor=SimpleNamespace(init="bai", model_name_or_path=rest[actor_at + 1] if actor_at is not None else None),
         critic=SimpleNamespace(model_name_or_path=rest[critic_at + 1] if critic_at is not None else None),
-        bai=bai,
+        bai=bai, data=SimpleNamespace(max_len=int(lengths.get("--data.max_len", 0))),
+        prompt_max_len=int(lengths.get("--prompt_max_len", 0)), generate_max_len=int(lengths.get("--generate_max_len", 0)),
     )
     init_actor(args)
     rest = list(rest)
