@@ -195,3 +195,26 @@ def test_every_log_format_diagnose_reads_is_documented_and_no_other():
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     documented = [re.match(r"\| `([^`]+)`", row).group(1) for row in rows]
     assert sorted(documented) == sorted(KINDS)
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_and_anchor_resolves():
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *DOCS]
+    checked = 0
+    for page in pages:
+        text = FENCE.sub("", page.read_text())
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (page.parent / file).resolve() if file else page
+            assert linked.exists(), f"{page.name}: link to {target}: no such file"
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", FENCE.sub("", linked.read_text()), re.MULTILINE)
+                assert anchor in {slug(h) for h in headings}, f"{page.name}: link to {target}: no such heading"
+            checked += 1
+    assert checked >= 20
