@@ -106,6 +106,14 @@ def scratch(tmp_path_factory):
     return work, env
 
 
+def shape(line: str) -> str:
+    """A regular expression for lines like `line`, whatever their paths, sizes, counts and hashes."""
+    parts = re.split(r"(\d+(?:\.\d+)? [MG]B|/[^\s()]+|\d+(?:\.\d+)?)", line)
+    return "".join(r"\d+(?:\.\d+)? [MG]B" if re.fullmatch(r"\d+(?:\.\d+)? [MG]B", part) else r"/[^\s()]+"
+                   if part.startswith("/") else r"\d+(?:\.\d+)?" if re.fullmatch(r"[\d.]+", part) else re.escape(part)
+                   for part in parts)
+
+
 def run_block(block: str, work: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -127,6 +135,11 @@ def test_the_readme_quickstart_runs_as_written(scratch):
     merged = Path(command[command.index("--actor.model_name_or_path") + 1])
     assert merged.parent == Path(env["OPENRLHF_BAI_CACHE"]) / "merged"
     assert command[command.index("--data.max_len") + 1] == "8192"  # the user's own flags pass through
+    # What the README shows as its output, line by line, up to paths, sizes and counts.
+    (shown,) = blocks(ROOT / "README.md", "text quickstart-output")
+    assert [line for line in out if any(re.fullmatch(shape(s), line) for s in shown.splitlines())] == out, out
+    assert len(out) == len(shown.splitlines())
+
     # The README lists today's actor first, so nothing needs saying, and today's template travels with the merge.
     assert "warning" not in proc.stderr, proc.stderr
     assert (merged / "chat_template.jinja").read_text() == R1_TEMPLATE
