@@ -104,7 +104,7 @@ def replay_collapse(root: Path, curve: Path) -> str:
 
     from openrlhf_bai import install_hooks
     from openrlhf_bai.cli import diagnose
-    from openrlhf_bai.diagnostics.detectors import SIGNAL_KEYS, first_value
+    from openrlhf_bai.diagnostics.detectors import DETECTORS, SIGNAL_KEYS, first_value
     from openrlhf_bai.diagnostics.readers import read_rows
     from openrlhf_bai.integration.monitor import CONFIG_ENV, JSONL_NAME
 
@@ -134,7 +134,6 @@ def replay_collapse(root: Path, curve: Path) -> str:
 
     print(f"\n  {'step':>5} {'length':>8} {'reward':>7} {'entropy':>8}  {'bai/response_length_ratio':>26} "
           f"{'bai/entropy_ratio':>18}")
-    alarms = ("length_collapse", "truncation_drop", "hockey_stick", "entropy_collapse", "kl_blowup")
     raised = set()
     for step, metrics in rows:
         logs = dict(metrics)
@@ -144,7 +143,7 @@ def replay_collapse(root: Path, curve: Path) -> str:
         print(f"  {step:>5} " + " ".join(f"{v:>{w}.3g}" if v is not None else f"{'-':>{w}}"
                                          for v, w in zip(cells, (8, 7, 8)))
               + "  " + " ".join(f"{v:>{w}.2f}" if v is not None else f"{'-':>{w}}" for v, w in zip(ratios, (26, 18))))
-        for name in alarms:
+        for name in DETECTORS:
             if logs.get(f"bai/{name}") == 1 and name not in raised:
                 raised.add(name)
                 print(f"  >>> detected at step {step}: bai/{name} = 1 in this step's logs (the monitor's warning, "
