@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from openrlhf_bai.cli.merge import add_recipe_args, recipe_from_args
 from openrlhf_bai.probe import MAX_KL_BASE_SHARE, MIN_LENGTH_SHARE
+from openrlhf_bai.recipe import add_recipe_flags, recipe_from_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openrlhf-bai probe", description=__doc__.split("\n\n")[0])
     merge = p.add_argument_group("the merge (as for `openrlhf-bai merge`; the same values reuse the same cache)")
-    add_recipe_args(merge, with_alpha=False)
+    add_recipe_flags(merge, skip=("alpha",), required=("base", "sft"))
     merge.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                        help="candidate shares of the base, each in [0, 1] (default 0.1 0.3 0.5 0.7 0.9)")
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load would bury the probe's own lines
     result = run_probe(
-        recipe_from_args(a, alpha=0.5), a.alphas, a.prompts, reasoning_sft=a.reasoning_sft, input_key=a.input_key,
+        recipe_from_flags(a), a.alphas, a.prompts, reasoning_sft=a.reasoning_sft, input_key=a.input_key,
         input_template=a.input_template, apply_chat_template=a.apply_chat_template, num_prompts=a.num_prompts or None,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, engine=a.engine,
         batch_size=a.batch_size, heldout=a.heldout, heldout_max_tokens=a.heldout_max_tokens,
