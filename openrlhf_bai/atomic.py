@@ -40,6 +40,12 @@ def check_output_file(path: str | os.PathLike, inputs=(), flag: str = "output") 
         raise BAIError(f"{flag} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BAIError(f"{flag} {path}: directory {parent} is not writable")
+    try:  # os.access answers yes to root, and for places (sysfs, some mounts) that still refuse a new file
+        fd, trial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise BAIError(f"{flag} {path}: cannot create a file in {parent} ({e.strerror or e})") from None
+    os.close(fd)
+    _unlink(trial)
     return path
 
 
