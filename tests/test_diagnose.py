@@ -500,7 +500,7 @@ def _outputs_case(case: str, d: Path, run: Path) -> list[str]:
 OUTPUT_CASES = {
     "json-is-run": "is one of the inputs", "plot-is-run": "is one of the inputs",
     "symlink-to-run": "is one of the inputs", "relative-path-to-run": "is one of the inputs",
-    "inside-tensorboard-run": "is inside RUN", "json-to-directory": "is a directory; give a file path",
+    "inside-tensorboard-run": "is inside the input directory", "json-to-directory": "is a directory; give a file path",
     "plot-to-directory": "is a directory", "missing-directory": "does not exist",
     "read-only-place": "cannot create a file in /sys", "same-json-and-plot": "--json and --plot name the same file",
     "unknown-figure-format": ".txt is not a figure format; end the name with one of .png, .pdf, .svg",

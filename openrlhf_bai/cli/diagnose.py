@@ -73,16 +73,13 @@ def parse_args(argv):
 
 
 def check_outputs(args) -> None:
-    """--json and --plot, before any RUN is read: a writable file, never a RUN (through links too), nor inside a
-    RUN directory (a TensorBoard run's files are its inputs), nor each other; the plot in a figure format."""
+    """--json and --plot, before any RUN is read: a writable file, never a RUN (through links too) nor inside a
+    TensorBoard RUN's directory, never each other; the plot in a figure format. Logs are never written."""
     outputs = [(flag, path) for flag, path in (("--json", args.json), ("--plot", args.plot)) if path]
     if args.json and args.plot:
         if same_file(args.json, args.plot) or os.path.abspath(args.json) == os.path.abspath(args.plot):
             raise BAIError(f"--json and --plot name the same file {args.plot}; give two paths")
     for flag, path in outputs:
-        for run in args.runs:
-            if os.path.isdir(run) and Path(path).resolve().is_relative_to(Path(run).resolve()):
-                raise BAIError(f"{flag} {path} is inside RUN {run}; write it outside the run's directory")
         check_output_file(path, args.runs, flag)
     if args.plot:
         figure_format(args.plot)
