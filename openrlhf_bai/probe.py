@@ -23,11 +23,12 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from openrlhf_bai.atomic import check_output_file, write_text_atomic
+from openrlhf_bai.diagnostics.plot import figure_format, save_figure
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.recipe import BAIRecipe
 
@@ -57,8 +58,9 @@ def load_prompts(path, input_key: str, tokenizer, apply_chat_template: bool, inp
         raise BAIError(f"prompts file not found: {path}")
     template = tokenizer.apply_chat_template if apply_chat_template else None
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -99,10 +101,18 @@ def read_heldout(path, tokenizer, max_tokens: int) -> list[int]:
     path = Path(path)
     if not path.is_file():
         raise BAIError(f"held-out text file not found: {path}")
-    ids = tokenizer(path.read_text(encoding="utf-8"))["input_ids"][:max_tokens]
+    ids = tokenizer(_utf8(path.read_bytes(), str(path)))["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise BAIError(f"held-out text file {path} has fewer than 2 tokens")
     return ids
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BAIError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       "save the file as UTF-8") from None
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -278,23 +288,10 @@ def plot(rows: list[dict], parents: list[str], path: Path) -> None:
     ax_kl.set(title="KL(candidate || parent) per token", xlabel="alpha (share of base)")
     ax_kl.legend(fontsize=8)
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ the probe
@@ -355,9 +352,15 @@ def run_probe(recipe: BAIRecipe, alphas: list[float], prompts_file, *, reasoning
         if not (math.isfinite(value) and value >= 0):
             raise BAIError(f"{name} must be a number >= 0, got {value}")
     engine = _pick_engine(engine)
-    for out in (plot_path, json_path):
-        if out is not None and not Path(out).absolute().parent.is_dir():
-            raise BAIError(f"output directory does not exist: {Path(out).absolute().parent}")
+    # Every output checked before any merge or generation: writable, not an input, and not inside an input.
+    inputs = [p for p in (prompts_file, heldout, *recipe.inputs(), reasoning_sft) if p and os.path.exists(p)]
+    if plot_path is not None and json_path is not None and os.path.abspath(plot_path) == os.path.abspath(json_path):
+        raise BAIError(f"--plot and --json name the same file {plot_path}; give two paths")
+    if plot_path is not None:
+        check_output_file(plot_path, inputs, "--plot")
+        figure_format(plot_path)
+    if json_path is not None:
+        check_output_file(json_path, inputs, "--json")
 
     recipes = [dataclasses.replace(recipe, alpha=a) for a in alphas]
     plans = [plan_merge(r) for r in recipes]  # every merge check, reading headers only
@@ -410,8 +413,8 @@ def run_probe(recipe: BAIRecipe, alphas: list[float], prompts_file, *, reasoning
     if plot_path is not None:
         plot(rows, list(parents), Path(plot_path))
     if json_path is not None:  # the numbers; the generated token ids stay in the returned rows only
-        write_json(Path(json_path), {**result, "rows": [{k: v for k, v in r.items() if k != "generations"}
-                                                        for r in rows]})
+        numbers = {**result, "rows": [{k: v for k, v in r.items() if k != "generations"} for r in rows]}
+        write_text_atomic(json_path, json.dumps(numbers, indent=2) + "\n")
     return result
 
 
