@@ -39,6 +39,8 @@ def check_output_file(path: str | os.PathLike, inputs=(), flag: str = "output") 
             raise BAIError(f"{flag} {path} is inside the input directory {source}; choose a path outside it")
     if path.is_dir():
         raise BAIError(f"{flag} {path} is a directory; give a file path")
+    if path.exists() and not path.is_file():  # a rename would replace the device or pipe itself (/dev/stdout)
+        raise BAIError(f"{flag} {path} is not a regular file (a device, pipe or socket); give a file path")
     parent = Path(os.path.abspath(path)).parent
     if not parent.is_dir():
         raise BAIError(f"{flag} {path}: directory {parent} does not exist")

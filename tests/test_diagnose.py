@@ -447,7 +447,7 @@ def test_a_log_being_written_is_read_up_to_its_last_complete_line(tmp_path, caps
     assert path.read_bytes() == before
 
 
-def test_trainer_state_with_a_nan_step_skips_that_entry(tmp_path, capsys):
+def test_a_nan_or_infinite_step_is_skipped_in_every_json_reader(tmp_path, capsys):
     history = [{"step": step, "loss": 0.1, "reward": reward, "completion_length": length}
                for step, length, reward in series("collapsing")]
     history[5]["step"] = float("nan")  # json.dumps writes NaN, as Python's json module reads it back
@@ -457,6 +457,12 @@ def test_trainer_state_with_a_nan_step_skips_that_entry(tmp_path, capsys):
     assert [step for step, _ in rows] == [s for s in range(1, STEPS + 1) if s != 6]
     status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
     assert status == 3 and "YES at step" in out
+
+    jsonl = write_jsonl(tmp_path / "bai.jsonl", "collapsing")
+    lines = jsonl.read_text().splitlines(keepends=True)
+    lines[5], lines[6] = lines[5].replace('"step": 6', '"step": NaN'), lines[6].replace('"step": 7', '"step": 1e400')
+    jsonl.write_text("".join(lines))
+    assert [step for step, _ in read_rows(jsonl)[1]] == [s for s in range(1, STEPS + 1) if s not in (6, 7)]
 
 
 def test_a_csv_cell_over_128_kib_is_read(tmp_path):
@@ -491,6 +497,7 @@ def _outputs_case(case: str, d: Path, run: Path) -> list[str]:
         "plot-to-directory": ["--plot", d / "out"],
         "missing-directory": ["--json", d / "nowhere" / "v.json"],
         "read-only-place": ["--json", Path("/sys/verdict.json")],
+        "a-device": ["--json", Path("/dev/null")],
         "same-json-and-plot": ["--json", d / "v.png", "--plot", d / "v.png"],
         "unknown-figure-format": ["--plot", d / "v.txt"],
         "no-figure-suffix": ["--plot", d / "v"],
@@ -502,7 +509,7 @@ OUTPUT_CASES = {
     "symlink-to-run": "is one of the inputs", "relative-path-to-run": "is one of the inputs",
     "inside-tensorboard-run": "is inside the input directory", "json-to-directory": "is a directory; give a file path",
     "plot-to-directory": "is a directory", "missing-directory": "does not exist",
-    "read-only-place": "cannot create a file in /sys", "same-json-and-plot": "--json and --plot name the same file",
+    "read-only-place": "cannot create a file in /sys", "a-device": "is not a regular file", "same-json-and-plot": "--json and --plot name the same file",
     "unknown-figure-format": ".txt is not a figure format; end the name with one of .png, .pdf, .svg",
     "no-figure-suffix": "no suffix is not a figure format",
 }

@@ -177,9 +177,11 @@ def _read_jsonl(path: Path, step_key: str | None = None) -> list:
             ) from None
         key = next((k for k in keys if isinstance(record, dict) and k in record), None)
         step = _number(record[key]) if key else None
-        if step is None or not math.isfinite(step):
+        if step is None:
             wanted = " or ".join(f'"{k}"' for k in keys)
             raise BAIError(f"{path}:{lineno}: no {wanted} in this line; expected one {{\"step\": N, ...}} per line")
+        if not math.isfinite(step):
+            continue  # a NaN or infinite step, as in every reader: no step to put it at
         metrics = {_strip(name): _number(value) for name, value in record.items() if name not in keys}
         _append(rows, int(step), {name: value for name, value in metrics.items() if value is not None})
     return rows
