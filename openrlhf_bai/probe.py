@@ -56,6 +56,14 @@ def load_prompts(path, input_key: str, tokenizer, apply_chat_template: bool, inp
     path = Path(path)
     if not path.is_file():
         raise BAIError(f"prompts file not found: {path}")
+    if input_template is not None:
+        try:
+            input_template.format("")
+        except (KeyError, IndexError, ValueError):
+            raise BAIError(f"--input-template {input_template!r}: a format string with one {{}} for the prompt, and "
+                           "literal braces doubled ({{ }})") from None
+    if apply_chat_template and not tokenizer.chat_template:
+        raise BAIError("--apply-chat-template: the tokenizer the merge takes has no chat template")
     template = tokenizer.apply_chat_template if apply_chat_template else None
     prompts = []
     with open(path, "rb") as f:
@@ -69,9 +77,15 @@ def load_prompts(path, input_key: str, tokenizer, apply_chat_template: bool, inp
                 raise BAIError(f"{path}:{lineno}: not valid JSON ({e.msg})")
             if not isinstance(data, dict) or input_key not in data:
                 raise BAIError(f"{path}:{lineno}: no key {input_key!r} (set --input-key)")
-            prompt, _ = preprocess_data(data, input_template, input_key, None, template)
-            if not isinstance(prompt, str):
+            if isinstance(data[input_key], list) and not apply_chat_template:
                 raise BAIError(f"{path}:{lineno}: {input_key!r} is a list of messages; pass --apply-chat-template")
+            try:
+                prompt, _ = preprocess_data(data, input_template, input_key, None, template)
+            except Exception as e:  # the user's data meets OpenRLHF's code and the chat template's Jinja
+                raise BAIError(f"{path}:{lineno}: cannot make a prompt of {input_key!r} ({type(e).__name__}: "
+                               f"{_first_line(e)})") from None
+            if not isinstance(prompt, str):
+                raise BAIError(f"{path}:{lineno}: {input_key!r} is {type(data[input_key]).__name__}, not text")
             prompts.append(prompt)
             if limit and len(prompts) == limit:
                 break
@@ -86,9 +100,15 @@ def eos_token_ids(model_dir: Path, tokenizer) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         file = Path(model_dir) / name
         if file.is_file():
-            value = json.loads(file.read_text()).get("eos_token_id")
+            try:
+                value = json.loads(file.read_bytes()).get("eos_token_id")
+            except (ValueError, AttributeError):
+                raise BAIError(f"{file}: not a JSON object") from None
             if value is not None:
-                ids.update(value if isinstance(value, list) else [value])
+                value = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise BAIError(f"{file}: eos_token_id {value!r} is not a token id")
+                ids.update(value)
                 break
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -105,6 +125,10 @@ def read_heldout(path, tokenizer, max_tokens: int) -> list[int]:
     if len(ids) < 2:
         raise BAIError(f"held-out text file {path} has fewer than 2 tokens")
     return ids
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _utf8(data: bytes, where: str) -> str:
@@ -366,7 +390,11 @@ def run_probe(recipe: BAIRecipe, alphas: list[float], prompts_file, *, reasoning
     plans = [plan_merge(r) for r in recipes]  # every merge check, reading headers only
     plan = plans[0]
     tokenizer_dir = plan.inputs[plan.tokenizer_src].directory
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
+        raise BAIError(f"cannot load the tokenizer of {tokenizer_dir} ({type(e).__name__}: {_first_line(e)}); "
+                       "choose another input with --tokenizer-from") from None
     eos_ids = eos_token_ids(plan.inputs[plan.config_src].directory, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     prompts = load_prompts(prompts_file, input_key, tokenizer, apply_chat_template, input_template, num_prompts)

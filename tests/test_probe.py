@@ -236,6 +236,9 @@ def test_cli_reports_and_reuses_the_cached_candidate(probed, llama_family, files
     ("plot_inside_a_checkpoint", "is inside the input directory"),
     ("plot_format", ".txt is not a figure format"),
     ("read_only_place", "cannot create a file in /sys"),
+    ("input_template", "--input-template 'Q: {question}': a format string with one {} for the prompt"),
+    ("prompt_not_text", "prompts.jsonl:1: 'question' is int, not text"),
+    ("no_tokenizer", "cannot load the tokenizer of"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case, expected, llama_family, files, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
@@ -275,6 +278,17 @@ def test_bad_input_is_one_line_and_writes_nothing(case, expected, llama_family, 
         args[1] = str(tmp_path / "p.txt")
     elif case == "read_only_place":
         args[-1] = "/sys/p.json"
+    elif case == "input_template":
+        args += ["--input-template", "Q: {question}"]
+    elif case == "prompt_not_text":
+        (tmp_path / "in").mkdir()
+        files = tmp_path / "in"
+        (files / "prompts.jsonl").write_text('{"question": 5}\n')
+    elif case == "no_tokenizer":  # the input the tokenizer comes from has none
+        family = {**family, "base": tmp_path / "bare"}
+        shutil.copytree(llama_family["base"], family["base"],
+                        ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*", "chat_template*"))
+        args += ["--tokenizer-from", str(family["base"])]
     elif case == "disk":  # 1 TiB per candidate in sparse files: more than this disk has free
         family = {k: _sparse_copy(family[k], tmp_path / k, 1 << 40) for k in ("base", "sft_instruct", "sft_reasoning")}
         assert shutil.disk_usage(tmp_path).free < 2 << 40
