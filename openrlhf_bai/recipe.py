@@ -109,7 +109,8 @@ RECIPE_FLAGS = {  # BAIRecipe field: argparse options (no default: BAIRecipe's)
     "normalize": dict(action="store_true", help="rescale SFT weights that do not sum to 1 (otherwise an error)"),
     "alpha": dict(type=float, metavar="A", help="share of the base in the actor (default %(default)s)"),
     "dtype": dict(choices=("auto", *DTYPES), help="dtype of the merged checkpoint (default auto: the base's)"),
-    "max_shard_size": dict(metavar="SIZE", help="shard size, as in transformers: 5GB, 500MB, 2GiB (default %(default)s)"),
+    "max_shard_size": dict(metavar="SIZE",
+                           help="shard size, as in transformers: 5GB, 500MB, 2GiB (default %(default)s)"),
     "config_from": dict(metavar="PATH", help="the input (the base or one of the SFT models) that supplies config.json "
                                              "and generation_config.json (default: the first SFT model)"),
     "tokenizer_from": dict(metavar="PATH", help="the input that supplies the tokenizer files (default: the first SFT "

@@ -481,54 +481,45 @@ def test_a_csv_cell_over_128_kib_is_read(tmp_path):
     assert csv.field_size_limit() == 131072  # put back: the limit is process-wide
 
 
-def _outputs_case(case: str, d: Path, run: Path) -> list[str]:
-    """The --json / --plot arguments of each refused case."""
-    tb = write_tensorboard(d / "tb", "healthy") if case == "inside-tensorboard-run" else None
-    if case == "symlink-to-run":
-        (d / "link.png").symlink_to(run)
-    (d / "out").mkdir()
-    return {
-        "json-is-run": ["--json", run],
-        "plot-is-run": ["--plot", run],
-        "symlink-to-run": ["--plot", d / "link.png"],
-        "relative-path-to-run": ["--json", Path(os.path.relpath(run))],
-        "inside-tensorboard-run": ["--json", (tb / "verdict.json") if tb else None, "RUN2", tb],
-        "json-to-directory": ["--json", d / "out"],
-        "plot-to-directory": ["--plot", d / "out"],
-        "missing-directory": ["--json", d / "nowhere" / "v.json"],
-        "read-only-place": ["--json", Path("/sys/verdict.json")],
-        "a-device": ["--json", Path("/dev/null")],
-        "same-json-and-plot": ["--json", d / "v.png", "--plot", d / "v.png"],
-        "unknown-figure-format": ["--plot", d / "v.txt"],
-        "no-figure-suffix": ["--plot", d / "v"],
-    }[case]
-
-
-OUTPUT_CASES = {
-    "json-is-run": "is one of the inputs", "plot-is-run": "is one of the inputs",
-    "symlink-to-run": "is one of the inputs", "relative-path-to-run": "is one of the inputs",
-    "inside-tensorboard-run": "is inside the input directory", "json-to-directory": "is a directory; give a file path",
-    "plot-to-directory": "is a directory", "missing-directory": "does not exist",
-    "read-only-place": "cannot create a file in /sys", "a-device": "is not a regular file", "same-json-and-plot": "--json and --plot name the same file",
-    "unknown-figure-format": ".txt is not a figure format; end the name with one of .png, .pdf, .svg",
-    "no-figure-suffix": "no suffix is not a figure format",
+OUTPUT_CASES = {  # case: (the --json / --plot arguments, given a folder d, the JSONL RUN and the TensorBoard RUN;
+    #                         the error line's phrase)
+    "json-is-run": (lambda d, run, tb: ["--json", run], "is one of the inputs"),
+    "plot-is-run": (lambda d, run, tb: ["--plot", run], "is one of the inputs"),
+    "symlink-to-run": (lambda d, run, tb: ["--plot", _symlink(d / "link.png", run)], "is one of the inputs"),
+    "relative-path-to-run": (lambda d, run, tb: ["--json", os.path.relpath(run)], "is one of the inputs"),
+    "inside-tensorboard-run": (lambda d, run, tb: ["--json", tb / "verdict.json"], "is inside the input directory"),
+    "json-to-directory": (lambda d, run, tb: ["--json", d], "is a directory; give a file path"),
+    "plot-to-directory": (lambda d, run, tb: ["--plot", d], "is a directory; give a file path"),
+    "missing-directory": (lambda d, run, tb: ["--json", d / "nowhere" / "v.json"], "does not exist"),
+    "read-only-place": (lambda d, run, tb: ["--json", "/sys/verdict.json"], "cannot create a file in /sys"),
+    "a-device": (lambda d, run, tb: ["--json", "/dev/null"], "is not a regular file"),
+    "same-json-and-plot": (lambda d, run, tb: ["--json", d / "v.png", "--plot", d / "v.png"],
+                           "--json and --plot name the same file"),
+    "unknown-figure-format": (lambda d, run, tb: ["--plot", d / "v.txt"],
+                              ".txt is not a figure format; end the name with one of .png, .pdf, .svg"),
+    "no-figure-suffix": (lambda d, run, tb: ["--plot", d / "v"], "no suffix is not a figure format"),
 }
+
+
+def _symlink(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _contents(paths) -> list:
+    return sorted((p, p.read_bytes()) for path in paths for p in ([path] if path.is_file() else path.rglob("*")))
 
 
 @pytest.mark.parametrize("case", OUTPUT_CASES)
 def test_outputs_are_refused_before_any_run_is_read_and_no_log_is_ever_written(tmp_path, capsys, case):
-    run = write_jsonl(tmp_path / "run.jsonl", "collapsing")
-    args = _outputs_case(case, tmp_path, run)
-    runs = [run]
-    if "RUN2" in args:
-        runs.append(args[-1])
-        args = args[:-2]
-    before = {r: sorted((p, p.read_bytes()) for p in ([r] if r.is_file() else r.rglob("*"))) for r in runs}
-    status, out, err = diagnose(capsys, *runs, *args)
+    runs = [write_jsonl(tmp_path / "run.jsonl", "collapsing"), write_tensorboard(tmp_path / "tb", "healthy")]
+    outputs, message = OUTPUT_CASES[case]
+    before = _contents(runs)
+    status, out, err = diagnose(capsys, *runs, *outputs(tmp_path, *runs))
     assert status == 1 and out == ""  # refused before the table
-    assert err.startswith("openrlhf-bai: error: ") and err.count("\n") == 1 and OUTPUT_CASES[case] in err, err
-    assert {r: sorted((p, p.read_bytes()) for p in ([r] if r.is_file() else r.rglob("*"))) for r in runs} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+    assert err.startswith("openrlhf-bai: error: ") and err.count("\n") == 1 and message in err, err
+    assert _contents(runs) == before
+    assert not [p for p in tmp_path.rglob(".*")]  # no temp file left
 
 
 @pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF-"), (".svg", b"<?xml"), (".png", b"\x89PNG"),

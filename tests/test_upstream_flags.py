@@ -30,7 +30,8 @@ def test_recipe_flags_through_the_patched_parser_give_the_launchers_cache_direct
     assert upstream.returncode == 0, upstream.stderr
     merged = Path(upstream.stdout.strip().splitlines()[-1])
     assert len(list(merged.glob("model-*-of-*.safetensors"))) > 1  # --bai.max_shard_size reached the merge
-    assert json.loads((merged / PROVENANCE).read_text())["recipe"]["coefficients"] == pytest.approx([0.3, 0.7 * 2 / 3, 0.7 / 3])
+    coefficients = json.loads((merged / PROVENANCE).read_text())["recipe"]["coefficients"]
+    assert coefficients == pytest.approx([0.3, 0.7 * 2 / 3, 0.7 / 3])
 
     ours = subprocess.run([sys.executable, "-m", "openrlhf_bai.cli.train_ppo_ray", "--actor_init", "bai", *recipe,
                            "--bai.merge_only"], env=env, capture_output=True, text=True, timeout=300)
