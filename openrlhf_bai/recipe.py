@@ -146,7 +146,8 @@ def add_recipe_flags(parser, spell=cli_flag, skip=(), required=()) -> None:
 
 def recipe_from_flags(values, **override) -> BAIRecipe:
     """The BAIRecipe of parsed recipe flags: `values` has the fields as attributes (merge's or probe's namespace,
-    the launcher's args.bai); `override` replaces some (probe's alpha, the launcher's default SFT model)."""
+    the launcher's args.bai; a field it lacks, like probe's alpha, takes BAIRecipe's default); `override` replaces
+    some (the launcher's SFT model, by default the actor path)."""
     given = {name: getattr(values, name, _DEFAULTS[name]) for name in RECIPE_FLAGS}
     given.update(override)
     given["sft"] = tuple(given["sft"] or ())

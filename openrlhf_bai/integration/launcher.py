@@ -1,7 +1,8 @@
 """`--actor_init bai` for OpenRLHF's train_ppo_ray: merge on the driver, point the actor at the merge, run OpenRLHF.
 
 run(argv), top to bottom:
-  split argv        the --actor_init / --bai.* flags (add_bai_arguments) from OpenRLHF's, which pass through untouched
+  split argv        the --actor_init / --bai.* flags (add_bai_arguments) from OpenRLHF's, which pass through untouched;
+                    a --bai.* flag we do not know is refused here, naming the closest (refuse_unknown_bai_flags)
   init_actor(args)  materialize the BAI checkpoint (merged into the shared cache, or on every node) and point the
                     actor, and a critic that is the actor, at it; a patched OpenRLHF parser calls the same function
   rewrite argv      --actor.model_name_or_path (0.11) or --pretrain (up to 0.10), and the critic's flag
