@@ -492,13 +492,20 @@ OUTPUT_CASES = {  # case: (the --json / --plot arguments, given a folder d, the 
     "plot-to-directory": (lambda d, run, tb: ["--plot", d], "is a directory; give a file path"),
     "missing-directory": (lambda d, run, tb: ["--json", d / "nowhere" / "v.json"], "does not exist"),
     "read-only-place": (lambda d, run, tb: ["--json", "/sys/verdict.json"], "cannot create a file in /sys"),
-    "a-device": (lambda d, run, tb: ["--json", "/dev/null"], "is not a regular file"),
+    # A pipe (as /dev/stdout is): renaming over it would replace the pipe itself. Made here, not /dev/null, which a
+    # test must never risk replacing.
+    "a-pipe": (lambda d, run, tb: ["--json", _fifo(d / "pipe")], "is not a regular file"),
     "same-json-and-plot": (lambda d, run, tb: ["--json", d / "v.png", "--plot", d / "v.png"],
                            "--json and --plot name the same file"),
     "unknown-figure-format": (lambda d, run, tb: ["--plot", d / "v.txt"],
                               ".txt is not a figure format; end the name with one of .png, .pdf, .svg"),
     "no-figure-suffix": (lambda d, run, tb: ["--plot", d / "v"], "no suffix is not a figure format"),
 }
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
 
 
 def _symlink(link: Path, target: Path) -> Path:
