@@ -1,7 +1,8 @@
 """`--actor_init bai` for OpenRLHF's train_ppo_ray: merge on the driver, point the actor at the merge, run OpenRLHF.
 
 run(argv), top to bottom:
-  split argv        the --actor_init / --bai.* flags (add_bai_arguments) from OpenRLHF's, which pass through untouched
+  split argv        the --actor_init / --bai.* flags (add_bai_arguments) from OpenRLHF's, which pass through untouched;
+                    a --bai.* flag we do not know is refused here, naming the closest (refuse_unknown_bai_flags)
   init_actor(args)  materialize the BAI checkpoint (merged into the shared cache, or on every node) and point the
                     actor, and a critic that is the actor, at it; a patched OpenRLHF parser calls the same function
   rewrite argv      --actor.model_name_or_path (0.11) or --pretrain (up to 0.10), and the critic's flag
@@ -16,6 +17,7 @@ reference model, the vLLM engines, the tokenizer and a critic that defaults to t
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import importlib.util
 import json
@@ -31,13 +33,15 @@ from types import SimpleNamespace
 from openrlhf_bai.diagnostics.detectors import HELP, Thresholds
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration.monitor import CONFIG_ENV, ON_COLLAPSE, check_config, monitor_config
+from openrlhf_bai.recipe import RECIPE_FLAGS, add_recipe_flags, bai_flag, recipe_from_flags
 
 OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
 # The env_vars OpenRLHF's train() gives ray.init; a value set in the environment wins, as it does there.
 OPENRLHF_ENV_VARS = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 ACTOR_FLAGS = ("--actor.model_name_or_path", "--pretrain")  # OpenRLHF 0.11, up to 0.10
 CRITIC_FLAGS = ("--critic.model_name_or_path", "--critic_pretrain")
-RECIPE_FLAGS = ("base", "sft", "sft_weights", "output_dir", "config_from", "tokenizer_from")  # need --actor_init bai
+# Flags renamed in a release, old name -> new name (both without "--bai."): refused naming the replacement.
+RENAMED_BAI_FLAGS: dict[str, str] = {}
 
 
 def add_bai_arguments(parser, actor_init: bool = True) -> None:
@@ -49,16 +53,7 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
                             default="none",
                             help="bai: initialize the actor with the BAI merge of --bai.base and --bai.sft "
                                  "(default none)")
-    parser.add_argument("--bai.base", default=None, metavar="PATH",
-                        help="pretrained base model: local directory or hub id")
-    parser.add_argument("--bai.sft", nargs="+", default=None, metavar="PATH",
-                        help="SFT models, e.g. instruct then reasoning (default: the actor path given to OpenRLHF)")
-    parser.add_argument("--bai.sft_weights", type=float, nargs="+", default=None, metavar="W",
-                        help="stage-1 weights, one per SFT model, summing to 1 (default: equal)")
-    parser.add_argument("--bai.alpha", type=float, default=0.5, metavar="A",
-                        help="share of the base in the actor (default 0.5)")
-    parser.add_argument("--bai.dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                        help="dtype of the merged checkpoint (default auto: the base's)")
+    add_recipe_flags(parser, spell=bai_flag)  # the recipe's flags, as `merge` and `probe` have them
     parser.add_argument("--bai.output_dir", default=None, metavar="DIR",
                         help="directory for the merged actor (default: the shared cache, $OPENRLHF_BAI_CACHE or "
                              "~/.cache/openrlhf_bai, one directory per recipe hash, reused by a repeat run)")
@@ -67,14 +62,6 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
     parser.add_argument("--bai.materialize", choices=("shared", "per_node"), default="shared",
                         help="shared (default): merge once on the driver, into a path every node can read; "
                              "per_node: merge on every alive Ray node into the same local path, checked by recipe hash")
-    parser.add_argument("--bai.vocab_mismatch", choices=("error", "renormalize"), default="error",
-                        help="embedding rows only some inputs have (an SFT model added tokens): refuse (default), or "
-                             "merge each row over the inputs that have it")
-    parser.add_argument("--bai.config_from", default=None, metavar="PATH",
-                        help="the input (--bai.base or one of --bai.sft) that supplies config.json and "
-                             "generation_config.json (default: the first SFT model)")
-    parser.add_argument("--bai.tokenizer_from", default=None, metavar="PATH",
-                        help="the input that supplies the tokenizer files (default: the first SFT model)")
     parser.add_argument("--bai.threads", type=int, default=None, metavar="N",
                         help="threads of the merge (default: the cores the process may use); changes no byte of it")
     parser.add_argument("--bai.merge_only", action="store_true",
@@ -105,18 +92,14 @@ def init_actor(args) -> None:
     (args.actor, args.critic, args.bai); --bai.sft defaults to the actor path given."""
     if args.actor.init != "bai":
         return
-    from openrlhf_bai.recipe import BAIRecipe
-
     bai, previous = args.bai, args.actor.model_name_or_path
     if not bai.base:
         raise BAIError("--actor_init bai needs --bai.base, the pretrained model the SFT models were trained from")
     sft = bai.sft or ([previous] if previous else None)
     if not sft:
         raise BAIError("--actor_init bai needs --bai.sft or an actor path (taken as the one SFT model)")
-    # Threads are not part of the recipe: they change no byte of the output, so not its hash either.
-    recipe = BAIRecipe(base=bai.base, sft=tuple(sft), alpha=bai.alpha, dtype=bai.dtype,
-                       sft_weights=tuple(bai.sft_weights) if bai.sft_weights else None,
-                       vocab_mismatch=bai.vocab_mismatch, config_from=bai.config_from, tokenizer_from=bai.tokenizer_from)
+    # The recipe table's fields only: threads change no byte of the output, so not its hash either.
+    recipe = recipe_from_flags(bai, sft=sft)
     from openrlhf_bai.merger import cache_dir_for, plan_merge
 
     plan = plan_merge(recipe)  # every check, reading headers only
@@ -317,13 +300,15 @@ def run(argv: list[str]) -> int:
     )
     add_bai_arguments(parser)
     ours, rest = parser.parse_known_args(argv)
+    refuse_unknown_bai_flags(rest, [flag for action in parser._actions for flag in action.option_strings])
     flat = vars(ours)
     bai = SimpleNamespace(**{key.removeprefix("bai."): value for key, value in flat.items() if key.startswith("bai.")})
     check_config(monitor_config(bai))  # bad thresholds fail here, not in a Ray worker hours later
     if flat["actor.init"] == "bai":
         rest = _actor_init_bai(rest, bai)
     else:
-        given = [f"--bai.{key}" for key in RECIPE_FLAGS if getattr(bai, key) is not None]
+        given = [bai_flag(key) for key in (*RECIPE_FLAGS, "output_dir")
+                 if getattr(bai, key) != parser.get_default(f"bai.{key}")]
         if given:
             raise BAIError(f"{' '.join(given)} given without --actor_init bai; add --actor_init bai to merge")
 
@@ -345,6 +330,21 @@ def run(argv: list[str]) -> int:
     finally:
         sys.argv = saved_argv
     return 0
+
+
+def refuse_unknown_bai_flags(rest: list[str], known: list[str]) -> None:
+    """parse_known_args hands every flag it does not know to OpenRLHF, so a misspelled --bai.* flag would be
+    dropped silently (or refused by OpenRLHF after the merge): refuse it here, naming the closest known flag."""
+    for arg in rest:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--bai"):  # OpenRLHF has no --bai* flag
+            continue
+        renamed = RENAMED_BAI_FLAGS.get(flag.removeprefix("--bai."))
+        if renamed:
+            raise BAIError(f"{flag} was renamed: use {bai_flag(renamed)}")
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see openrlhf-bai train-ppo --help"
+        raise BAIError(f"unknown flag {flag}; {hint}")
 
 
 def shell_quote(arg: str) -> str:
