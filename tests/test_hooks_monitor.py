@@ -14,6 +14,8 @@ PolicyModelActors whose save_checkpoint runs DeepSpeed on GPUs: it records each 
 
 import argparse
 import http.server
+import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -150,8 +152,12 @@ def test_the_monitor_takes_openrlhfs_callback_api_where_it_has_one_and_wraps_not
 
     from openrlhf_bai.integration import upstream
 
+    import openrlhf
+
     path = callback_path()
-    record_property("callback_path", path)  # read by the tests that run this file on other OpenRLHF files
+    # Read by the tests that run this file on other OpenRLHF files: which path, which OpenRLHF.
+    record_property("callback_path", path)
+    record_property("openrlhf", f"{importlib.metadata.version('openrlhf')} {os.path.dirname(openrlhf.__file__)}")
     methods = (BasePPOTrainer.save_logs_and_checkpoints, BasePPOTrainer.restore_best_checkpoint_state,
                SamplesGenerator.generate_samples)
     trainer = make_trainer(openrlhf_args(tmp_path))
@@ -373,11 +379,26 @@ def drive_in_worker(root, run_name, rows, bai=None):
     }
 
 
-def fit_in_worker(root, rows):
-    """Runs in a Ray worker: OpenRLHF's own PPOTrainer.fit loop, with its SamplesGenerator serving rollout batches
-    from its buffer (vLLM's part) and train_step returning the series' metrics (the PPO update needs GPUs)."""
-    from openrlhf.trainer.ppo_trainer import PPOTrainer
+def cpu_samples_generator(args, prompts_dataloader):
+    """OpenRLHF's SamplesGenerator, its vLLM call (_generate_vllm) replaced: each prompt becomes one rollout, counted in
+    .generated. The release's own generate_samples (batching, buffer, exhaustion) runs as it is."""
     from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+
+    class CPUSamplesGenerator(SamplesGenerator):
+        generated = 0
+
+        def _generate_vllm(self, dataloader_iter, num_prompts, dynamic_filtering, **generate_kwargs):
+            prompts = list(itertools.islice(dataloader_iter, num_prompts))
+            self.generated += len(prompts)
+            return [f"rollout {prompt}" for prompt in prompts], len(prompts), len(prompts) < num_prompts
+
+    return CPUSamplesGenerator(SimpleNamespace(args=args), prompts_dataloader, None, None, None)
+
+
+def fit_in_worker(root, rows):
+    """Runs in a Ray worker: OpenRLHF's own PPOTrainer.fit loop, with its SamplesGenerator (vLLM's part on CPU) and
+    train_step returning the series' metrics (the PPO update needs GPUs)."""
+    from openrlhf.trainer.ppo_trainer import PPOTrainer
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
@@ -392,12 +413,10 @@ def fit_in_worker(root, rows):
     trainer.prompts_dataloader = StatefulDataLoader(list(range(len(rows))), batch_size=1)
     trainer.eval_dataloader = None
     trainer.generate_kwargs = {}
-    trainer.samples_generator = SamplesGenerator(SimpleNamespace(args=args), trainer.prompts_dataloader, None, None, None)
-    trainer.samples_generator._dataloader_iter = None  # every prompt already generated: the buffer holds them
-    trainer.samples_generator._sample_buffer = [f"rollout {i}" for i in range(len(rows))]
+    trainer.samples_generator = cpu_samples_generator(args, trainer.prompts_dataloader)
     trainer.fit()
     return {"trained": trainer.trained, "saves": [kw["tag"] for name, kw in group.calls if name == "save_checkpoint"],
-            "buffer_left": len(trainer.samples_generator._sample_buffer)}
+            "generated": trainer.samples_generator.generated}
 
 
 def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_with_hooks):
@@ -436,18 +455,17 @@ def test_on_collapse_stop_ends_ppotrainer_fit_cleanly(tmp_path, ray_with_hooks):
     stop = first_alarm(tb)
     assert result["trained"] == list(range(1, stop + 1))  # no step after the one that fired
     assert result["saves"] == [f"global_step{stop}"]
-    assert result["buffer_left"] == STEPS - stop  # the loop ended with rollouts left, not by running out
+    assert result["generated"] == stop  # the loop ended at the stop, with prompts left, not by running out
     assert max(tb["train/rollout/reward_mean"]) == stop
 
 
 def async_fit_in_worker(root, rows):
     """Runs in a Ray worker: OpenRLHF's async pair as PPOTrainerAsync.fit runs it, GenerateSamplesActor.fit (here in
     a thread) feeding TrainingActor.fit through two real Ray queues of one slot, with the vLLM lock actor; the
-    generator serves rollouts from its buffer (vLLM's part), train_step returns the series' metrics."""
+    SamplesGenerator's vLLM part on CPU, train_step returning the series' metrics."""
     import threading
 
     from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, TrainingActor, VLLMLock
-    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
     from ray.util.queue import Queue
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -463,10 +481,7 @@ def async_fit_in_worker(root, rows):
     generator = object.__new__(GenerateSamplesActor.__ray_actor_class__)
     generator.args, generator.generate_kwargs, generator.eval_dataloader = args, {}, None
     generator.prompts_dataloader = StatefulDataLoader(list(range(len(rows))), batch_size=1)
-    generator.samples_generator = SamplesGenerator(SimpleNamespace(args=args), generator.prompts_dataloader, None, None,
-                                                   None)
-    generator.samples_generator._dataloader_iter = None  # every prompt already generated: the buffer holds them
-    generator.samples_generator._sample_buffer = [f"rollout {i}" for i in range(len(rows))]
+    generator.samples_generator = cpu_samples_generator(args, generator.prompts_dataloader)
     generator.vllm_lock, generator._partial_rollout = VLLMLock.remote(), False
     generator._last_eval_step, generator._eval_just_done = -1, False
     rollout_queue, rollout_slots = (Queue(maxsize=1, actor_options={"num_cpus": 0}) for _ in range(2))
@@ -478,7 +493,7 @@ def async_fit_in_worker(root, rows):
     trainer.fit()
     thread.join(timeout=60)
     return {"trained": trainer.trained, "saves": [kw["tag"] for name, kw in group.calls if name == "save_checkpoint"],
-            "generator_ended": not thread.is_alive(), "buffer_left": len(generator.samples_generator._sample_buffer),
+            "generator_ended": not thread.is_alive(), "generated": generator.samples_generator.generated,
             "path": callback_path()}
 
 
@@ -491,12 +506,11 @@ def test_on_collapse_stop_ends_the_async_trainer_and_its_generator_cleanly(tmp_p
     assert result["generator_ended"] and result["saves"] == [f"global_step{stop}"]
     if result["path"] == "api":
         # The batch generated while the stop step trained is dropped: nothing is trained after the stop step.
-        assert result["trained"] == list(range(1, stop + 1))
-        assert result["buffer_left"] == STEPS - stop - 1
+        assert result["trained"] == list(range(1, stop + 1)) and result["generated"] == stop + 1
     else:
         # The backport stops the generator only (Ray's key-value store); the trainer still trains what was queued.
         assert result["trained"] in (list(range(1, stop + 1)), list(range(1, stop + 2)))
-    assert result["buffer_left"] >= STEPS - stop - 1  # the loops ended with rollouts left, not by running out
+        assert result["generated"] == len(result["trained"])
 
 
 # ------------------------------------------------------------------ never harm: failures are reported, steps go on

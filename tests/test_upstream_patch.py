@@ -191,8 +191,9 @@ def test_the_monitor_tests_pass_on_the_patched_files_through_the_callback_api(pa
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
     assert {outcome for outcome, _ in results.values()} == {"passed"}
     assert {name.split("[")[0] for name in results} == defined_tests(monitor_tests.read_text())
-    assert results["test_the_monitor_takes_openrlhfs_callback_api_where_it_has_one_and_wraps_nothing"][1] == {
-        "callback_path": "api"}
+    properties = results["test_the_monitor_takes_openrlhfs_callback_api_where_it_has_one_and_wraps_nothing"][1]
+    site = patched["PYTHONPATH"].split(os.pathsep)[0]
+    assert properties == {"callback_path": "api", "openrlhf": f"0.11.2 {os.path.join(site, 'openrlhf')}"}
 
 
 def test_a_failing_monitor_in_the_patched_trainer_is_logged_once_and_training_goes_on(patched, tmp_path):

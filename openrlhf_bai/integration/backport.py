@@ -14,16 +14,12 @@ SamplesGenerator.generate_samples            once a stop is published, returns w
 
 from __future__ import annotations
 
-from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration import hooks
 
 
 def install() -> None:
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 
-    why = hooks.why_no_monitor()
-    if why:
-        raise BAIError(why)
     if getattr(BasePPOTrainer.save_logs_and_checkpoints, "_openrlhf_bai", False):
         return
     from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator

@@ -69,6 +69,9 @@ def register_callback(callback):
 
 def install_hooks(*builtin) -> None:
     """Register `builtin`, then the entry-point callbacks; backport the callback API where OpenRLHF lacks it."""
+    why = why_no_monitor()  # before importing OpenRLHF's trainer, which an older release may fail at
+    if why:
+        raise BAIError(why)
     if not has_callback_api():
         from openrlhf_bai.integration import backport
 
