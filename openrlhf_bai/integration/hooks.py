@@ -52,7 +52,7 @@ def why_no_monitor() -> str | None:
         return "OpenRLHF is not installed"
     release = tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
     oldest = TESTED_OPENRLHF[0]
-    if release < tuple(map(int, oldest.split("."))):  # 0.10.0 and older: flat args (args.save_steps), other loops
+    if release < tuple(map(int, oldest.split("."))):  # 0.10.0 and older: flat args (args.ckpt_path), other loops
         return (f"the stability monitor needs OpenRLHF {oldest} or later (tested: {', '.join(TESTED_OPENRLHF)}), "
                 f"found {version}; training runs without it, `openrlhf-bai diagnose` reads its logs afterwards")
     return None
