@@ -41,7 +41,7 @@ MONITOR_TESTS = (  # in tests/test_hooks_monitor.py
 def releases():
     """{version: folder holding that release's openrlhf package}, by the script `make test` runs."""
     done = subprocess.run(["bash", str(ROOT / "scripts" / "openrlhf-versions.sh"), *TESTED_OPENRLHF, OLDER],
-                          capture_output=True, text=True, timeout=900)
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     folders = [Path(line) for line in done.stdout.split()]
     return dict(zip([*TESTED_OPENRLHF, OLDER], folders))
