@@ -8,8 +8,9 @@ runs the metrics, save, stop and resume tests on 0.10.4, 0.11.0 and 0.11.1 too).
 
 BasePPOTrainer instances are built with OpenRLHF's real __init__ (strategy = a namespace holding args, as
 DeepspeedStrategy does); their save_logs_and_checkpoints writes through OpenRLHF's real TensorboardLogger and the
-event files are read back. The one stand-in is RecordingActorGroup, in place of the RayActorGroup of
-PolicyModelActors whose save_checkpoint runs DeepSpeed on GPUs: it records each call and returns a real ObjectRef.
+event files are read back. What needs GPUs is stood in for: RecordingActorGroup, in place of the RayActorGroup of
+PolicyModelActors whose save_checkpoint runs DeepSpeed, records each call and returns a real ObjectRef; in the fit
+loops, train_step returns the series' metrics and SamplesGenerator's vLLM call turns each prompt into one rollout.
 """
 
 import argparse
