@@ -5,7 +5,7 @@ run(argv), top to bottom:
                     a --bai.* flag we do not know is refused here, naming the closest (refuse_unknown_bai_flags)
   init_actor(args)  materialize the BAI checkpoint (merged into the shared cache, or on every node) and point the
                     actor, and a critic that is the actor, at it; a patched OpenRLHF parser calls the same function
-  rewrite argv      --actor.model_name_or_path (0.11) or --pretrain (up to 0.10), and the critic's flag
+  rewrite argv      --actor.model_name_or_path (0.10.2 on) or --pretrain (before), and the critic's flag
   merge_only        print the OpenRLHF command, shell-quoted, and stop
   start_ray         OpenRLHF's runtime_env env_vars + the worker setup hook (worker.py) + the monitor's settings
   runpy             OpenRLHF's own openrlhf.cli.train_ppo_ray as __main__: its parser, its checks, its train()
@@ -32,13 +32,14 @@ from types import SimpleNamespace
 
 from openrlhf_bai.diagnostics.detectors import HELP, Thresholds
 from openrlhf_bai.errors import BAIError
+from openrlhf_bai.integration.hooks import why_no_monitor
 from openrlhf_bai.integration.monitor import CONFIG_ENV, ON_COLLAPSE, check_config, monitor_config
 from openrlhf_bai.recipe import RECIPE_FLAGS, add_recipe_flags, bai_flag, recipe_from_flags
 
 OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
 # The env_vars OpenRLHF's train() gives ray.init; a value set in the environment wins, as it does there.
 OPENRLHF_ENV_VARS = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
-ACTOR_FLAGS = ("--actor.model_name_or_path", "--pretrain")  # OpenRLHF 0.11, up to 0.10
+ACTOR_FLAGS = ("--actor.model_name_or_path", "--pretrain")  # OpenRLHF 0.10.2 on, before
 CRITIC_FLAGS = ("--critic.model_name_or_path", "--critic_pretrain")
 # Flags renamed in a release, old name -> new name (both without "--bai."): refused naming the replacement.
 RENAMED_BAI_FLAGS: dict[str, str] = {}
@@ -263,10 +264,9 @@ def driver_runtime_env(bai) -> dict:
 
     env_vars = {key: os.environ.get(key, default) for key, default in OPENRLHF_ENV_VARS.items()}
     env_vars[CONFIG_ENV] = json.dumps(monitor_config(bai))
-    version = openrlhf_version()
-    if version is not None and version < (0, 11):
-        print(f"openrlhf-bai: OpenRLHF {'.'.join(map(str, version))} has no hooks for the stability monitor (0.11 "
-              "has); training runs without it, `openrlhf-bai diagnose` reads its logs afterwards", file=sys.stderr)
+    why = why_no_monitor()
+    if why:
+        print(f"openrlhf-bai: {why}", file=sys.stderr)
         runtime_env = {"env_vars": env_vars}
     else:
         runtime_env = ray_runtime_env({"env_vars": env_vars})
@@ -369,12 +369,12 @@ def _actor_init_bai(rest: list[str], bai) -> list[str]:
     rest = [part for arg in rest for part in (arg.split("=", 1) if arg.split("=", 1)[0] in path_flags else [arg])]
     present = [flag for flag in ACTOR_FLAGS if flag in rest]
     if len(present) > 1:
-        raise BAIError("both --actor.model_name_or_path (OpenRLHF 0.11) and --pretrain (up to 0.10) given; use one")
+        raise BAIError("both --actor.model_name_or_path (OpenRLHF 0.10.2 on) and --pretrain (before) given; use one")
     if present:
         style = ACTOR_FLAGS.index(present[0])
-    else:  # no actor path given: the installed OpenRLHF's spelling
-        version = openrlhf_version()
-        style = 1 if version is not None and version < (0, 11) else 0
+    else:  # no actor path given: the installed OpenRLHF's spelling (nested flags came with openrlhf/utils/config.py)
+        files = {str(file) for file in importlib.metadata.files("openrlhf") or ()} if openrlhf_version() else None
+        style = 1 if files is not None and "openrlhf/utils/config.py" not in files else 0
     actor_flag, critic_flag = ACTOR_FLAGS[style], CRITIC_FLAGS[style]
 
     def last_index(flag):  # argparse keeps the last occurrence
