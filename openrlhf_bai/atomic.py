@@ -2,7 +2,8 @@
 renamed into place. A reader never sees half a file, a failure leaves nothing, and no command writes over an input.
 
 check_output_file(path, inputs, flag)   before the work: refuse a directory, a missing or read-only parent, or a
-                                        path that is (or links to) one of the command's inputs; one BAIError line
+                                        path that is (or links to) one of the command's inputs or lies inside an
+                                        input directory; one BAIError line
 write_atomic(path, write)               write(tmp_path) fills a temp file in path's directory, then os.replace
 write_text_atomic(path, text)           the same for text
 """
@@ -28,18 +29,29 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_output_file(path: str | os.PathLike, inputs=(), flag: str = "output") -> Path:
-    """Refuse, in one line, an output file that cannot be written or would replace one of `inputs`."""
+    """Refuse, in one line, an output file that cannot be written or would replace one of `inputs` (a file, or
+    anything inside an input that is a directory: a checkpoint, a TensorBoard run)."""
     path = Path(path)
     for source in inputs:
         if same_file(path, source) or Path(os.path.abspath(path)) == Path(os.path.abspath(source)):
             raise BAIError(f"{flag} {path} is one of the inputs ({source}); it would be overwritten: choose another path")
+        if os.path.isdir(source) and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(source)):
+            raise BAIError(f"{flag} {path} is inside the input directory {source}; choose a path outside it")
     if path.is_dir():
         raise BAIError(f"{flag} {path} is a directory; give a file path")
+    if path.exists() and not path.is_file():  # a rename would replace the device or pipe itself (/dev/stdout)
+        raise BAIError(f"{flag} {path} is not a regular file (a device, pipe or socket); give a file path")
     parent = Path(os.path.abspath(path)).parent
     if not parent.is_dir():
         raise BAIError(f"{flag} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BAIError(f"{flag} {path}: directory {parent} is not writable")
+    try:  # os.access answers yes to root, and for places (sysfs, some mounts) that still refuse a new file
+        fd, trial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise BAIError(f"{flag} {path}: cannot create a file in {parent} ({e.strerror or e})") from None
+    os.close(fd)
+    _unlink(trial)
     return path
 
 

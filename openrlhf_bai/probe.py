@@ -23,11 +23,12 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from openrlhf_bai.atomic import check_output_file, write_text_atomic
+from openrlhf_bai.diagnostics.plot import figure_format, save_figure
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.recipe import BAIRecipe
 
@@ -55,10 +56,19 @@ def load_prompts(path, input_key: str, tokenizer, apply_chat_template: bool, inp
     path = Path(path)
     if not path.is_file():
         raise BAIError(f"prompts file not found: {path}")
+    if input_template is not None:
+        try:
+            input_template.format("")
+        except (KeyError, IndexError, ValueError):
+            raise BAIError(f"--input-template {input_template!r}: a format string with one {{}} for the prompt, and "
+                           "literal braces doubled ({{ }})") from None
+    if apply_chat_template and not tokenizer.chat_template:
+        raise BAIError("--apply-chat-template: the tokenizer the merge takes has no chat template")
     template = tokenizer.apply_chat_template if apply_chat_template else None
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -67,9 +77,15 @@ def load_prompts(path, input_key: str, tokenizer, apply_chat_template: bool, inp
                 raise BAIError(f"{path}:{lineno}: not valid JSON ({e.msg})")
             if not isinstance(data, dict) or input_key not in data:
                 raise BAIError(f"{path}:{lineno}: no key {input_key!r} (set --input-key)")
-            prompt, _ = preprocess_data(data, input_template, input_key, None, template)
-            if not isinstance(prompt, str):
+            if isinstance(data[input_key], list) and not apply_chat_template:
                 raise BAIError(f"{path}:{lineno}: {input_key!r} is a list of messages; pass --apply-chat-template")
+            try:
+                prompt, _ = preprocess_data(data, input_template, input_key, None, template)
+            except Exception as e:  # the user's data meets OpenRLHF's code and the chat template's Jinja
+                raise BAIError(f"{path}:{lineno}: cannot make a prompt of {input_key!r} ({type(e).__name__}: "
+                               f"{_first_line(e)})") from None
+            if not isinstance(prompt, str):
+                raise BAIError(f"{path}:{lineno}: {input_key!r} is {type(data[input_key]).__name__}, not text")
             prompts.append(prompt)
             if limit and len(prompts) == limit:
                 break
@@ -84,9 +100,15 @@ def eos_token_ids(model_dir: Path, tokenizer) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         file = Path(model_dir) / name
         if file.is_file():
-            value = json.loads(file.read_text()).get("eos_token_id")
+            try:
+                value = json.loads(file.read_bytes()).get("eos_token_id")
+            except (ValueError, AttributeError):
+                raise BAIError(f"{file}: not a JSON object") from None
             if value is not None:
-                ids.update(value if isinstance(value, list) else [value])
+                value = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise BAIError(f"{file}: eos_token_id {value!r} is not a token id")
+                ids.update(value)
                 break
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -99,10 +121,22 @@ def read_heldout(path, tokenizer, max_tokens: int) -> list[int]:
     path = Path(path)
     if not path.is_file():
         raise BAIError(f"held-out text file not found: {path}")
-    ids = tokenizer(path.read_text(encoding="utf-8"))["input_ids"][:max_tokens]
+    ids = tokenizer(_utf8(path.read_bytes(), str(path)))["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise BAIError(f"held-out text file {path} has fewer than 2 tokens")
     return ids
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BAIError(f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       "save the file as UTF-8") from None
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -278,23 +312,10 @@ def plot(rows: list[dict], parents: list[str], path: Path) -> None:
     ax_kl.set(title="KL(candidate || parent) per token", xlabel="alpha (share of base)")
     ax_kl.legend(fontsize=8)
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ the probe
@@ -355,15 +376,25 @@ def run_probe(recipe: BAIRecipe, alphas: list[float], prompts_file, *, reasoning
         if not (math.isfinite(value) and value >= 0):
             raise BAIError(f"{name} must be a number >= 0, got {value}")
     engine = _pick_engine(engine)
-    for out in (plot_path, json_path):
-        if out is not None and not Path(out).absolute().parent.is_dir():
-            raise BAIError(f"output directory does not exist: {Path(out).absolute().parent}")
+    # Every output checked before any merge or generation: writable, not an input, and not inside an input.
+    inputs = [p for p in (prompts_file, heldout, *recipe.inputs(), reasoning_sft) if p and os.path.exists(p)]
+    if plot_path is not None and json_path is not None and os.path.abspath(plot_path) == os.path.abspath(json_path):
+        raise BAIError(f"--plot and --json name the same file {plot_path}; give two paths")
+    if plot_path is not None:
+        check_output_file(plot_path, inputs, "--plot")
+        figure_format(plot_path)
+    if json_path is not None:
+        check_output_file(json_path, inputs, "--json")
 
     recipes = [dataclasses.replace(recipe, alpha=a) for a in alphas]
     plans = [plan_merge(r) for r in recipes]  # every merge check, reading headers only
     plan = plans[0]
     tokenizer_dir = plan.inputs[plan.tokenizer_src].directory
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
+        raise BAIError(f"cannot load the tokenizer of {tokenizer_dir} ({type(e).__name__}: {_first_line(e)}); "
+                       "choose another input with --tokenizer-from") from None
     eos_ids = eos_token_ids(plan.inputs[plan.config_src].directory, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     prompts = load_prompts(prompts_file, input_key, tokenizer, apply_chat_template, input_template, num_prompts)
@@ -410,8 +441,8 @@ def run_probe(recipe: BAIRecipe, alphas: list[float], prompts_file, *, reasoning
     if plot_path is not None:
         plot(rows, list(parents), Path(plot_path))
     if json_path is not None:  # the numbers; the generated token ids stay in the returned rows only
-        write_json(Path(json_path), {**result, "rows": [{k: v for k, v in r.items() if k != "generations"}
-                                                        for r in rows]})
+        numbers = {**result, "rows": [{k: v for k, v in r.items() if k != "generations"} for r in rows]}
+        write_text_atomic(json_path, json.dumps(numbers, indent=2) + "\n")
     return result
 
 

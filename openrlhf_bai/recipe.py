@@ -13,7 +13,7 @@ computes the two stages in fp32 with one cast at the end. NumPy, not torch: the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -68,10 +68,10 @@ class BAIRecipe:
             if total <= 0:
                 raise BAIError("SFT weights sum to 0")
             if not self.normalize and abs(total - 1.0) > 1e-6:
-                raise BAIError(f"SFT weights sum to {total:g}, not 1; pass --normalize to rescale them")
+                raise BAIError(f"SFT weights sum to {total:g}, not 1; pass {spellings('normalize')} to rescale them")
         for name, value in (("config_from", self.config_from), ("tokenizer_from", self.tokenizer_from)):
             if value is not None and value not in (self.base, *self.sft):
-                raise BAIError(f"{name} must be the base or one of the SFT models, got {value!r}")
+                raise BAIError(f"{spellings(name)} must be the base or one of the SFT models, got {value!r}")
 
     def weights(self) -> tuple[float, ...]:
         """Stage-1 weights, equal by default, rescaled to sum to 1 when normalize is set."""
@@ -95,6 +95,64 @@ class BAIRecipe:
         d["config_from"] = self.config_from or self.sft[0]
         d["tokenizer_from"] = self.tokenizer_from or self.sft[0]
         return d
+
+
+# ------------------------------------------------------------------------------------------- recipe flags
+# The one table of the recipe's flags. `merge` and `probe` spell a field --max-shard-size, the launcher and a
+# patched OpenRLHF's parser --bai.max_shard_size; all are built from here, defaults from BAIRecipe itself, so the
+# same values give the same BAIRecipe, hence the same recipe hash and cache directory, from every front end.
+RECIPE_FLAGS = {  # BAIRecipe field: argparse options (no default: BAIRecipe's)
+    "base": dict(metavar="PATH", help="pretrained base model: local directory or hub id"),
+    "sft": dict(nargs="+", metavar="PATH",
+                help="SFT models, e.g. instruct then reasoning (launcher default: the actor path given to OpenRLHF)"),
+    "sft_weights": dict(type=float, nargs="+", metavar="W", help="stage-1 weights, one per SFT model (default: equal)"),
+    "normalize": dict(action="store_true", help="rescale SFT weights that do not sum to 1 (otherwise an error)"),
+    "alpha": dict(type=float, metavar="A", help="share of the base in the actor (default %(default)s)"),
+    "dtype": dict(choices=("auto", *DTYPES), help="dtype of the merged checkpoint (default auto: the base's)"),
+    "max_shard_size": dict(metavar="SIZE",
+                           help="shard size, as in transformers: 5GB, 500MB, 2GiB (default %(default)s)"),
+    "config_from": dict(metavar="PATH", help="the input (the base or one of the SFT models) that supplies config.json "
+                                             "and generation_config.json (default: the first SFT model)"),
+    "tokenizer_from": dict(metavar="PATH", help="the input that supplies the tokenizer files (default: the first SFT "
+                                                "model)"),
+    "vocab_mismatch": dict(choices=VOCAB_POLICIES,
+                           help="embedding rows only some inputs have (an SFT model added tokens): error refuses "
+                                "(default), renormalize merges each row over the inputs that have it"),
+}
+_DEFAULTS = {f.name: None if f.default is MISSING else f.default for f in fields(BAIRecipe) if f.name in RECIPE_FLAGS}
+
+
+def cli_flag(name: str) -> str:
+    """The `merge` / `probe` spelling of a recipe field: --max-shard-size."""
+    return "--" + name.replace("_", "-")
+
+
+def bai_flag(name: str) -> str:
+    """The launcher's (and a patched OpenRLHF's) spelling: --bai.max_shard_size."""
+    return f"--bai.{name}"
+
+
+def spellings(name: str) -> str:
+    """For an error message that any front end may print."""
+    return f"{cli_flag(name)} (launcher: {bai_flag(name)})"
+
+
+def add_recipe_flags(parser, spell=cli_flag, skip=(), required=()) -> None:
+    """Add the recipe's flags to an argparse parser or group, spelled by `spell` (cli_flag or bai_flag)."""
+    for name, options in RECIPE_FLAGS.items():
+        if name not in skip:
+            parser.add_argument(spell(name), default=_DEFAULTS[name], required=name in required, **options)
+
+
+def recipe_from_flags(values, **override) -> BAIRecipe:
+    """The BAIRecipe of parsed recipe flags: `values` has the fields as attributes (merge's or probe's namespace,
+    the launcher's args.bai; a field it lacks, like probe's alpha, takes BAIRecipe's default); `override` replaces
+    some (the launcher's SFT model, by default the actor path)."""
+    given = {name: getattr(values, name, _DEFAULTS[name]) for name in RECIPE_FLAGS}
+    given.update(override)
+    given["sft"] = tuple(given["sft"] or ())
+    given["sft_weights"] = tuple(given["sft_weights"]) if given["sft_weights"] else None
+    return BAIRecipe(**given)
 
 
 def combine_rows(rows: list[np.ndarray], dtypes: list[str], owners: list[int], alpha: float,

@@ -67,8 +67,12 @@ def write_stdout_log(path: Path, shape: str, version: str = "0.11") -> Path:
     from openrlhf.utils import logging_utils
 
     logger = logging_utils.init_logger("openrlhf.trainer.ppo_trainer")
+    handler = logging_utils._default_handler
     with path.open("w") as out:
-        old_stream = logging_utils._default_handler.setStream(out)
+        # OpenRLHF's handler flushes through the sys.stdout it was made with (maybe an earlier test's capsys, closed
+        # now): stream and flush are swapped together.
+        old = handler.stream, handler.flush
+        handler.stream, handler.flush = out, out.flush
         try:
             logger.info("Sample: <think>Let me compute 2+2.</think> The answer is 4.")
             for step, length, reward in series(shape):
@@ -81,7 +85,7 @@ def write_stdout_log(path: Path, shape: str, version: str = "0.11") -> Path:
                     eval_logs = {"pass1": 0.3}
                     logger.info(f"✨ Evaluation completed in 0:01:02, global_step {step}, eval_metrics: {eval_logs}")
         finally:
-            logging_utils._default_handler.setStream(old_stream)
+            handler.stream, handler.flush = old
     return path
 
 
@@ -341,11 +345,12 @@ BAD_INPUTS = {  # case: (make the file, the error line up to the file's line num
     "unrelated": (lambda d: _write(d / "notes.txt", "shopping list\neggs, milk\n"),
                   "not a training log of a known format; expected an OpenRLHF stdout log"),
     "binary": (lambda d: _write(d / "model.bin", b"\x00\x01\x02" * 100), "binary file; expected"),
-    "truncated-stdout": (lambda d: _cut_inside_last(write_stdout_log(d / "train.log", "healthy"), "Global step"),
+    # A record cut off and then ended by a newline (a writer that died mid-line) is damage, not a growing log.
+    "truncated-stdout": (lambda d: _cut_inside_last(write_stdout_log(d / "train.log", "healthy"), "Global step", "\n"),
                          "step line is cut off (truncated file?)"),
-    "truncated-jsonl": (lambda d: _cut_inside_last(write_jsonl(d / "bai.jsonl", "healthy"), '"step"'),
+    "truncated-jsonl": (lambda d: _cut_inside_last(write_jsonl(d / "bai.jsonl", "healthy"), '"step"', "\n"),
                         "not a JSON object (truncated file?)"),
-    "truncated-csv": (lambda d: _cut_inside_last(write_wandb_panel_csv(d / "panel.csv", "healthy"), '"40"'),
+    "truncated-csv": (lambda d: _cut_inside_last(write_wandb_panel_csv(d / "panel.csv", "healthy"), '"40"', "\n"),
                       "cells where the header has 7 (truncated file?)"),
     "jsonl-without-step": (lambda d: _write(d / "x.jsonl", '{"loss": 1.0}\n'), '"step" or "global_step"'),
     "header-only-csv": (lambda d: _write(d / "panel.csv", '"Step","run - train/rollout/reward_mean"\n'),
@@ -362,10 +367,10 @@ def _write(path: Path, content) -> Path:
     return path
 
 
-def _cut_inside_last(path: Path, marker: str) -> Path:
-    """Cut the file 30 characters after the last `marker`: its last record is half written."""
+def _cut_inside_last(path: Path, marker: str, then: str = "") -> Path:
+    """Cut the file 30 characters after the last `marker` (its last record half written), then append `then`."""
     text = path.read_text()
-    path.write_text(text[: text.rindex(marker) + 30])
+    path.write_text(text[: text.rindex(marker) + 30] + then)
     return path
 
 
@@ -374,7 +379,7 @@ def test_bad_input_is_one_clear_line_naming_the_file(tmp_path, capsys, case):
     make, message = BAD_INPUTS[case]
     path = make(tmp_path)
     # A cut-off record is named by its line: the last one of the file.
-    where = f":{path.read_text().count(chr(10)) + 1}: " if case.startswith("truncated") else ":"
+    where = f":{path.read_text().count(chr(10))}: " if case.startswith("truncated") else ":"
     status, out, err = diagnose(capsys, path, "--json", tmp_path / "v.json")
     assert status == 1 and out == ""
     assert err.startswith(f"openrlhf-bai: error: {path}{where}"), err
@@ -401,3 +406,134 @@ def test_nan_steps_in_a_log_are_skipped(tmp_path, capsys):
     status, _, err = diagnose(capsys, path, "--json", tmp_path / "v.json", "--fail-on", "hockey")
     assert status == 0 and "reward missing at 1 of 40 steps" in err
     assert json.loads((tmp_path / "v.json").read_text())["hockey_stick"]["detected"] is False
+
+
+def write_verl_log(path: Path) -> Path:
+    """verl's console lines for the collapsing series (Ray's prefix included)."""
+    path.write_text("".join(
+        f"(TaskRunner pid=1) step:{step} - actor/entropy:0.5 - critic/score/mean:{reward:.4f} - "
+        f"response_length/mean:{length:.2f} - response_length/clip_ratio:0.01\n"
+        for step, length, reward in series("collapsing")))
+    return path
+
+
+def write_trl_log(path: Path) -> Path:
+    """The dicts a Hugging Face Trainer prints, one per logging step."""
+    path.write_text("".join(f"{{'loss': 0.01, 'reward': {reward!r}, 'completion_length': {length!r}}}\n"
+                            for _, length, reward in series("collapsing")))
+    return path
+
+
+LINE_BASED = {**{name: WRITERS[name] for name in WRITERS if not name.startswith("tensorboard")},
+              "verl": ("verl", lambda d, shape: write_verl_log(d / "verl.log")),
+              "trl": ("trl", lambda d, shape: write_trl_log(d / "trl.log"))}
+
+
+@pytest.mark.parametrize("fmt", LINE_BASED)
+def test_a_log_being_written_is_read_up_to_its_last_complete_line(tmp_path, capsys, fmt):
+    """A running training's log ends in half a line (a logger writes a line in pieces): that line waits for the
+    next read; every complete step is read and judged, and the log is not touched."""
+    kind, write = LINE_BASED[fmt]
+    path = write(tmp_path, "collapsing")
+    text = path.read_text()
+    # Half of step 40's line, no newline (OpenRLHF's stdout logs an evaluation line after it).
+    start = text.rindex("Global step") if kind == "stdout" else text.rstrip().rindex("\n") + 1
+    path.write_text(text[: start + (text.index("\n", start) - start) // 2])
+    before = path.read_bytes()
+    detected, rows = read_rows(path)
+    assert detected == kind and [step for step, _ in rows] == list(range(1, STEPS))
+    status, out, err = diagnose(capsys, path, "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out and err == ""
+    assert path.read_bytes() == before
+
+
+def test_a_nan_or_infinite_step_is_skipped_in_every_json_reader(tmp_path, capsys):
+    history = [{"step": step, "loss": 0.1, "reward": reward, "completion_length": length}
+               for step, length, reward in series("collapsing")]
+    history[5]["step"] = float("nan")  # json.dumps writes NaN, as Python's json module reads it back
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps({"global_step": STEPS, "log_history": history}))
+    _, rows = read_rows(path)
+    assert [step for step, _ in rows] == [s for s in range(1, STEPS + 1) if s != 6]
+    status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out
+
+    jsonl = write_jsonl(tmp_path / "bai.jsonl", "collapsing")
+    lines = jsonl.read_text().splitlines(keepends=True)
+    lines[5], lines[6] = lines[5].replace('"step": 6', '"step": NaN'), lines[6].replace('"step": 7', '"step": 1e400')
+    jsonl.write_text("".join(lines))
+    assert [step for step, _ in read_rows(jsonl)[1]] == [s for s in range(1, STEPS + 1) if s not in (6, 7)]
+
+
+def test_a_csv_cell_over_128_kib_is_read(tmp_path):
+    """wandb history exports carry tables and samples as JSON text in a cell; Python's csv refuses > 128 KiB."""
+    path = write_wandb_history_csv(tmp_path / "history.csv", "healthy")
+    lines = path.read_text().splitlines(keepends=True)
+    sample = json.dumps({"rows": [["<think>" + "x" * 300_000 + "</think>", 0.5]]})
+    lines[0] = lines[0].rstrip("\r\n") + ",train/samples\r\n"
+    lines[1:] = [line.rstrip("\r\n") + ',"' + sample.replace('"', '""') + '"\r\n' for line in lines[1:]]
+    path.write_text("".join(lines))
+    kind, rows = read_rows(path)
+    assert kind == "wandb-csv" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert rows[-1][1]["rollout/reward_mean"] == pytest.approx(series("healthy")[-1][2])
+    import csv
+
+    assert csv.field_size_limit() == 131072  # put back: the limit is process-wide
+
+
+OUTPUT_CASES = {  # case: (the --json / --plot arguments, given a folder d, the JSONL RUN and the TensorBoard RUN;
+    #                         the error line's phrase)
+    "json-is-run": (lambda d, run, tb: ["--json", run], "is one of the inputs"),
+    "plot-is-run": (lambda d, run, tb: ["--plot", run], "is one of the inputs"),
+    "symlink-to-run": (lambda d, run, tb: ["--plot", _symlink(d / "link.png", run)], "is one of the inputs"),
+    "relative-path-to-run": (lambda d, run, tb: ["--json", os.path.relpath(run)], "is one of the inputs"),
+    "inside-tensorboard-run": (lambda d, run, tb: ["--json", tb / "verdict.json"], "is inside the input directory"),
+    "json-to-directory": (lambda d, run, tb: ["--json", d], "is a directory; give a file path"),
+    "plot-to-directory": (lambda d, run, tb: ["--plot", d], "is a directory; give a file path"),
+    "missing-directory": (lambda d, run, tb: ["--json", d / "nowhere" / "v.json"], "does not exist"),
+    "read-only-place": (lambda d, run, tb: ["--json", "/sys/verdict.json"], "cannot create a file in /sys"),
+    # A pipe (as /dev/stdout is): renaming over it would replace the pipe itself. Made here, not /dev/null, which a
+    # test must never risk replacing.
+    "a-pipe": (lambda d, run, tb: ["--json", _fifo(d / "pipe")], "is not a regular file"),
+    "same-json-and-plot": (lambda d, run, tb: ["--json", d / "v.png", "--plot", d / "v.png"],
+                           "--json and --plot name the same file"),
+    "unknown-figure-format": (lambda d, run, tb: ["--plot", d / "v.txt"],
+                              ".txt is not a figure format; end the name with one of .png, .pdf, .svg"),
+    "no-figure-suffix": (lambda d, run, tb: ["--plot", d / "v"], "no suffix is not a figure format"),
+}
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _symlink(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _contents(paths) -> list:
+    return sorted((p, p.read_bytes()) for path in paths for p in ([path] if path.is_file() else path.rglob("*")))
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_outputs_are_refused_before_any_run_is_read_and_no_log_is_ever_written(tmp_path, capsys, case):
+    runs = [write_jsonl(tmp_path / "run.jsonl", "collapsing"), write_tensorboard(tmp_path / "tb", "healthy")]
+    outputs, message = OUTPUT_CASES[case]
+    before = _contents(runs)
+    status, out, err = diagnose(capsys, *runs, *outputs(tmp_path, *runs))
+    assert status == 1 and out == ""  # refused before the table
+    assert err.startswith("openrlhf-bai: error: ") and err.count("\n") == 1 and message in err, err
+    assert _contents(runs) == before
+    assert not [p for p in tmp_path.rglob(".*")]  # no temp file left
+
+
+@pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF-"), (".svg", b"<?xml"), (".png", b"\x89PNG"),
+                                           (".jpg", b"\xff\xd8\xff"), (".PDF", b"%PDF-")])
+def test_plot_is_written_in_the_format_of_its_suffix(tmp_path, capsys, suffix, magic):
+    run = write_jsonl(tmp_path / "run.jsonl", "collapsing")
+    plot = tmp_path / f"verdict{suffix}"
+    status, _, _ = diagnose(capsys, run, "--plot", plot)
+    assert status == 0 and plot.read_bytes().startswith(magic)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.jsonl", plot.name])

@@ -1,14 +1,22 @@
-"""The trainer hooks and the stability monitor, driven through OpenRLHF 0.11.2's own trainer code; the monitor never
+"""The trainer callbacks and the stability monitor, driven through OpenRLHF's own trainer code; the monitor never
 harms the training it watches, and alerts.
+
+The same tests run on the two paths the plugin takes: OpenRLHF's trainer-callback API where the installed OpenRLHF has
+it (patches/openrlhf-0.11.2-actor-init.patch; tests/test_upstream_patch.py runs this file on the patched files) and
+the wrappers of backport.py where it does not (the venv's OpenRLHF 0.11.2 as released; tests/test_openrlhf_versions.py
+runs the metrics, save, stop and resume tests on 0.10.4, 0.11.0 and 0.11.1 too).
 
 BasePPOTrainer instances are built with OpenRLHF's real __init__ (strategy = a namespace holding args, as
 DeepspeedStrategy does); their save_logs_and_checkpoints writes through OpenRLHF's real TensorboardLogger and the
-event files are read back. The one stand-in is RecordingActorGroup, in place of the RayActorGroup of
-PolicyModelActors whose save_checkpoint runs DeepSpeed on GPUs: it records each call and returns a real ObjectRef.
+event files are read back. What needs GPUs is stood in for: RecordingActorGroup, in place of the RayActorGroup of
+PolicyModelActors whose save_checkpoint runs DeepSpeed, records each call and returns a real ObjectRef; in the fit
+loops, train_step returns the series' metrics and SamplesGenerator's vLLM call turns each prompt into one rollout.
 """
 
 import argparse
 import http.server
+import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -27,7 +35,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration import hooks, worker
-from openrlhf_bai.integration.monitor import CONFIG_ENV, JSONL_NAME, STATE_KEY
+from openrlhf_bai.integration.monitor import CONFIG_ENV, JSONL_NAME, STATE_KEY, stability_monitor
 
 LENGTH = "rollout/response_length_mean"
 REWARD = "rollout/reward_mean"
@@ -128,10 +136,44 @@ def first_alarm(tb) -> int:
 
 @pytest.fixture
 def hooked(monkeypatch):
+    """The plugin's callbacks installed as in a trainer's process, in a registry that is restored after the test."""
     monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setattr(hooks, "CALLBACKS", [])
+    monkeypatch.setattr(hooks, "BUILTIN", [])
     worker.install_hooks()
-    yield
-    del hooks.CALLBACKS[1:]  # keep the built-in monitor, drop what a test registered
+
+
+def callback_path() -> str:
+    return "api" if hooks.has_callback_api() else "backport"
+
+
+def test_the_monitor_takes_openrlhfs_callback_api_where_it_has_one_and_wraps_nothing(tmp_path, hooked, record_property):
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+
+    from openrlhf_bai.integration import upstream
+
+    import openrlhf
+
+    path = callback_path()
+    # Read by the tests that run this file on other OpenRLHF files: which path, which OpenRLHF.
+    record_property("callback_path", path)
+    record_property("openrlhf", f"{importlib.metadata.version('openrlhf')} {os.path.dirname(openrlhf.__file__)}")
+    methods = (BasePPOTrainer.save_logs_and_checkpoints, BasePPOTrainer.restore_best_checkpoint_state,
+               SamplesGenerator.generate_samples)
+    trainer = make_trainer(openrlhf_args(tmp_path))
+    if path == "api":
+        # An ordinary callback of OpenRLHF's entry-point group; OpenRLHF's own methods, not one wrapped.
+        assert trainer.trainer_callbacks == [upstream.trainer_callback]
+        assert {method.__module__ for method in methods} == {"openrlhf.trainer.ppo_trainer",
+                                                             "openrlhf.trainer.ppo_utils.samples_generator"}
+        assert "openrlhf_bai.integration.backport" not in sys.modules
+        assert "worker_process_setup_hook" not in worker.ray_runtime_env({})
+    else:
+        assert {method.__module__ for method in methods} == {"openrlhf_bai.integration.backport"}
+        assert worker.ray_runtime_env({})["worker_process_setup_hook"] == worker.SETUP_HOOK
+    drive(trainer, healthy_series()[:3])
+    assert [json.loads(line)["step"] for line in open(os.path.join(trainer.args.ckpt.path, JSONL_NAME))] == [1, 2, 3]
 
 
 @pytest.fixture
@@ -250,8 +292,9 @@ def test_install_is_idempotent_and_user_callbacks_come_from_the_registry_and_ent
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 
     worker.install_hooks()
-    wrapper = BasePPOTrainer.save_logs_and_checkpoints
-    assert not getattr(wrapper.__wrapped__, "_openrlhf_bai", False)  # wrapped once, not twice
+    method = BasePPOTrainer.save_logs_and_checkpoints
+    assert not getattr(getattr(method, "__wrapped__", None), "_openrlhf_bai", False)  # wrapped once at most
+    assert hooks.CALLBACKS == hooks.BUILTIN == [stability_monitor]  # registered once
 
     site = write_callback_distribution(tmp_path / "site")
     monkeypatch.syspath_prepend(str(site))
@@ -284,9 +327,12 @@ def write_callback_distribution(site):
 def test_ray_runtime_env_keeps_the_users_env_and_refuses_a_second_hook():
     user = {"env_vars": {"A": "1"}, "pip": ["x"]}
     env = worker.ray_runtime_env(user)
-    assert env == {"env_vars": {"A": "1"}, "pip": ["x"], "worker_process_setup_hook": worker.SETUP_HOOK}
     assert user == {"env_vars": {"A": "1"}, "pip": ["x"]}
     assert worker.ray_runtime_env(env) == env
+    if callback_path() == "api":  # OpenRLHF's entry point runs the callbacks: nothing to set up in the workers
+        assert env == user and env["env_vars"] is not user["env_vars"]
+        return
+    assert env == {"env_vars": {"A": "1"}, "pip": ["x"], "worker_process_setup_hook": worker.SETUP_HOOK}
     with pytest.raises(BAIError, match="already has worker_process_setup_hook"):
         worker.ray_runtime_env({"worker_process_setup_hook": "my.hook"})
 
@@ -327,17 +373,33 @@ def drive_in_worker(root, run_name, rows, bai=None):
             os.environ[CONFIG_ENV] = saved_env
     return {
         "deepspeed_before": deepspeed_before,
+        "path": callback_path(),
         "wrapped": getattr(BasePPOTrainer.save_logs_and_checkpoints, "_openrlhf_bai", False),
         "saves": [(kwargs["tag"], kwargs["client_states"]) for name, kwargs in group.calls if name == "save_checkpoint"],
         "added": [a for a, _ in added],
     }
 
 
-def fit_in_worker(root, rows):
-    """Runs in a Ray worker: OpenRLHF's own PPOTrainer.fit loop, with its SamplesGenerator serving rollout batches
-    from its buffer (vLLM's part) and train_step returning the series' metrics (the PPO update needs GPUs)."""
-    from openrlhf.trainer.ppo_trainer import PPOTrainer
+def cpu_samples_generator(args, prompts_dataloader):
+    """OpenRLHF's SamplesGenerator, its vLLM call (_generate_vllm) replaced: each prompt becomes one rollout, counted in
+    .generated. The release's own generate_samples (batching, buffer, exhaustion) runs as it is."""
     from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+
+    class CPUSamplesGenerator(SamplesGenerator):
+        generated = 0
+
+        def _generate_vllm(self, dataloader_iter, num_prompts, dynamic_filtering, **generate_kwargs):
+            prompts = list(itertools.islice(dataloader_iter, num_prompts))
+            self.generated += len(prompts)
+            return [f"rollout {prompt}" for prompt in prompts], len(prompts), len(prompts) < num_prompts
+
+    return CPUSamplesGenerator(SimpleNamespace(args=args), prompts_dataloader, None, None, None)
+
+
+def fit_in_worker(root, rows):
+    """Runs in a Ray worker: OpenRLHF's own PPOTrainer.fit loop, with its SamplesGenerator (vLLM's part on CPU) and
+    train_step returning the series' metrics (the PPO update needs GPUs)."""
+    from openrlhf.trainer.ppo_trainer import PPOTrainer
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
@@ -352,12 +414,10 @@ def fit_in_worker(root, rows):
     trainer.prompts_dataloader = StatefulDataLoader(list(range(len(rows))), batch_size=1)
     trainer.eval_dataloader = None
     trainer.generate_kwargs = {}
-    trainer.samples_generator = SamplesGenerator(SimpleNamespace(args=args), trainer.prompts_dataloader, None, None, None)
-    trainer.samples_generator._dataloader_iter = None  # every prompt already generated: the buffer holds them
-    trainer.samples_generator._sample_buffer = [f"rollout {i}" for i in range(len(rows))]
+    trainer.samples_generator = cpu_samples_generator(args, trainer.prompts_dataloader)
     trainer.fit()
     return {"trained": trainer.trained, "saves": [kw["tag"] for name, kw in group.calls if name == "save_checkpoint"],
-            "buffer_left": len(trainer.samples_generator._sample_buffer)}
+            "generated": trainer.samples_generator.generated}
 
 
 def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_with_hooks):
@@ -368,7 +428,8 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
         task.remote(tmp_path, "healthy", healthy_series()),
         task.remote(tmp_path, "saving", collapsing_series(seed=1), {"on_collapse": "save", "patience": 2}),
     ])
-    assert not collapsing["deepspeed_before"] and collapsing["wrapped"]
+    assert not collapsing["deepspeed_before"]
+    assert collapsing["path"] == callback_path() and collapsing["wrapped"] == (callback_path() == "backport")
 
     # on_collapse=stop from the runtime_env: the first detection's step is saved as an OpenRLHF checkpoint.
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "collapsing"))
@@ -381,16 +442,6 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "healthy"))
     assert set(tb["train/bai/length_collapse"].values()) == {0.0} and set(tb["train/bai/hockey_stick"].values()) == {0.0}
     assert healthy["saves"] == []
-
-    # The stop asked for in that worker reaches a rollout generator in another process (the async generator actor's
-    # case), here the driver: it reports itself exhausted; the healthy run's generator does not.
-    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
-
-    worker.install_hooks()
-    for run_name, expected in (("collapsing", ([], None, 0, True)), ("healthy", (["rollout"], None, 0, True))):
-        generator = SamplesGenerator(SimpleNamespace(args=openrlhf_args(tmp_path, run_name)), None, None, None, None)
-        generator._dataloader_iter, generator._sample_buffer = None, ["rollout"]
-        assert generator.generate_samples() == expected
 
     # Without the variable, args.bai (a patched parser) is read: save, with patience 2, each detection saves once.
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "saving"))
@@ -405,8 +456,62 @@ def test_on_collapse_stop_ends_ppotrainer_fit_cleanly(tmp_path, ray_with_hooks):
     stop = first_alarm(tb)
     assert result["trained"] == list(range(1, stop + 1))  # no step after the one that fired
     assert result["saves"] == [f"global_step{stop}"]
-    assert result["buffer_left"] == STEPS - stop  # the loop ended with rollouts left, not by running out
+    assert result["generated"] == stop  # the loop ended at the stop, with prompts left, not by running out
     assert max(tb["train/rollout/reward_mean"]) == stop
+
+
+def async_fit_in_worker(root, rows):
+    """Runs in a Ray worker: OpenRLHF's async pair as PPOTrainerAsync.fit runs it, GenerateSamplesActor.fit (here in
+    a thread) feeding TrainingActor.fit through two real Ray queues of one slot, with the vLLM lock actor; the
+    SamplesGenerator's vLLM part on CPU, train_step returning the series' metrics."""
+    import threading
+
+    from openrlhf.trainer.ppo_trainer_async import GenerateSamplesActor, TrainingActor, VLLMLock
+    from ray.util.queue import Queue
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    class CPUTrainingActor(TrainingActor.__ray_actor_class__):
+        def train_step(self, rollout_samples, global_step):
+            self.trained.append(global_step + 1)
+            return dict(rows[global_step]), global_step + 1
+
+    args = openrlhf_args(root, "async")
+    group = RecordingActorGroup()
+    trainer = make_trainer(args, CPUTrainingActor, group)
+    trainer.trained = []
+    generator = object.__new__(GenerateSamplesActor.__ray_actor_class__)
+    generator.args, generator.generate_kwargs, generator.eval_dataloader = args, {}, None
+    generator.prompts_dataloader = StatefulDataLoader(list(range(len(rows))), batch_size=1)
+    generator.samples_generator = cpu_samples_generator(args, generator.prompts_dataloader)
+    generator.vllm_lock, generator._partial_rollout = VLLMLock.remote(), False
+    generator._last_eval_step, generator._eval_just_done = -1, False
+    rollout_queue, rollout_slots = (Queue(maxsize=1, actor_options={"num_cpus": 0}) for _ in range(2))
+    rollout_slots.put(0)
+    for actor in (trainer, generator):
+        actor.rollout_queue, actor.rollout_slots = rollout_queue, rollout_slots
+    thread = threading.Thread(target=generator.fit, args=(0, 0), daemon=True)
+    thread.start()
+    trainer.fit()
+    thread.join(timeout=60)
+    return {"trained": trainer.trained, "saves": [kw["tag"] for name, kw in group.calls if name == "save_checkpoint"],
+            "generator_ended": not thread.is_alive(), "generated": generator.samples_generator.generated,
+            "path": callback_path()}
+
+
+def test_on_collapse_stop_ends_the_async_trainer_and_its_generator_cleanly(tmp_path, ray_with_hooks):
+    ray = ray_with_hooks
+    result = ray.get(ray.remote(async_fit_in_worker).remote(tmp_path, collapsing_series()))
+    tb = tensorboard_scalars(openrlhf_args(tmp_path, "async"))
+    stop = first_alarm(tb)
+    assert DROP_AT <= stop <= DROP_AT + 4
+    assert result["generator_ended"] and result["saves"] == [f"global_step{stop}"]
+    if result["path"] == "api":
+        # The batch generated while the stop step trained is dropped: nothing is trained after the stop step.
+        assert result["trained"] == list(range(1, stop + 1)) and result["generated"] == stop + 1
+    else:
+        # The backport stops the generator only (Ray's key-value store); the trainer still trains what was queued.
+        assert result["trained"] in (list(range(1, stop + 1)), list(range(1, stop + 2)))
+        assert result["generated"] == len(result["trained"])
 
 
 # ------------------------------------------------------------------ never harm: failures are reported, steps go on
@@ -515,7 +620,7 @@ def test_strict_callbacks_makes_user_callbacks_fatal_but_not_the_monitor(tmp_pat
         trainer.save_logs_and_checkpoints(2, {LENGTH: 1000.0}, {})
 
     # An entry point that does not load is a user callback's failure too.
-    del hooks.CALLBACKS[1:]
+    monkeypatch.setattr(hooks, "CALLBACKS", list(hooks.BUILTIN))
     monkeypatch.syspath_prepend(str(broken_callbacks(tmp_path / "site")))
     worker.install_hooks()
     with pytest.raises((BAIError, ZeroDivisionError)):

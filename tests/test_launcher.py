@@ -263,3 +263,79 @@ def test_merge_options_reach_the_merge_and_its_hash_but_threads_do_not(llama_fam
     main([*grown_args, "--bai.vocab_mismatch", "renormalize"])
     merged = Path(command_of(capsys)[4])
     assert json.loads((merged / "config.json").read_text())["vocab_size"] == config["vocab_size"]
+
+
+def help_flags(argv) -> set[str]:
+    """The flags a command's --help lists, as a user reads them."""
+    import re
+
+    run = subprocess.run([sys.executable, "-m", "openrlhf_bai.cli.main", *argv, "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return set(re.findall(r"--[\w.-]+", run.stdout))
+
+
+def test_every_recipe_option_exists_in_merge_probe_and_the_launcher_under_both_spellings():
+    import dataclasses
+
+    from openrlhf_bai.recipe import RECIPE_FLAGS, BAIRecipe
+
+    assert set(RECIPE_FLAGS) == {f.name for f in dataclasses.fields(BAIRecipe)} - {"extra"}
+    merge, probe, train = help_flags(["merge"]), help_flags(["probe"]), help_flags(["train-ppo"])
+    for name in RECIPE_FLAGS:
+        cli_spelling, bai_spelling = "--" + name.replace("_", "-"), f"--bai.{name}"
+        assert cli_spelling in merge and bai_spelling in train, name
+        assert cli_spelling in probe or (name == "alpha" and "--alphas" in probe), name
+    assert {"--normalize", "--max-shard-size"} <= merge and {"--bai.normalize", "--bai.max_shard_size"} <= train
+
+
+def test_normalize_is_a_launcher_flag_and_its_hint_names_it(llama_family, capsys):
+    args = ["--actor.model_name_or_path", "x", "--actor_init", "bai", *recipe_flags(llama_family),
+            "--bai.sft_weights", "2", "1", "--bai.merge_only"]
+    assert dispatcher(["train-ppo", *args]) == 1
+    err = capsys.readouterr().err
+    assert err == ("openrlhf-bai: error: SFT weights sum to 3, not 1; pass --normalize (launcher: --bai.normalize) "
+                   "to rescale them\n")
+    assert main([*args, "--bai.normalize"]) == 0
+    merged = Path(command_of(capsys)[4])
+    recipe = json.loads((merged / PROVENANCE).read_text())["recipe"]
+    assert recipe["coefficients"] == pytest.approx([0.5, 1 / 3, 1 / 6])
+
+
+@pytest.mark.parametrize("typo, closest", [
+    (["--bai.alpah", "0.1"], "--bai.alpha"),
+    (["--bai.merge-only"], "--bai.merge_only"),
+    (["--bai.sft_weight", "1"], "--bai.sft_weights"),
+    (["--bai.normalise"], "--bai.normalize"),
+    (["--bai.max-shard-size=1GB"], "--bai.max_shard_size"),
+])
+def test_an_unknown_bai_flag_is_refused_naming_the_closest_before_anything_runs(typo, closest, llama_family,
+                                                                               tmp_path):
+    """Through the real launcher CLI: nothing merged (the cache stays empty), no Ray, one line, non-zero exit."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OPENRLHF_BAI_CACHE": str(cache)}
+    for merge_only in (["--bai.merge_only"], []):
+        run = subprocess.run(
+            [sys.executable, "-m", "openrlhf_bai.cli.train_ppo_ray", "--actor.model_name_or_path",
+             str(llama_family["sft_reasoning"]), "--actor_init", "bai", *recipe_flags(llama_family), *typo,
+             *merge_only], capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 1 and run.stdout == ""
+        flag = typo[0].split("=")[0]
+        assert run.stderr.strip().splitlines() == [f"openrlhf-bai: error: unknown flag {flag}; did you mean {closest}?"]
+        assert not cache.exists()
+
+
+def test_a_renamed_bai_flag_is_refused_naming_its_replacement(monkeypatch, capsys):
+    import ray
+
+    monkeypatch.setitem(launcher.RENAMED_BAI_FLAGS, "collapse_threshold", "collapse_ratio")
+    assert dispatcher(["train-ppo", "--pretrain", "m", "--bai.collapse_threshold", "0.3"]) == 1
+    assert capsys.readouterr().err == (
+        "openrlhf-bai: error: --bai.collapse_threshold was renamed: use --bai.collapse_ratio\n")
+    assert not ray.is_initialized()
+
+
+def test_recipe_flags_without_actor_init_bai_are_refused(capsys):
+    assert dispatcher(["train-ppo", "--pretrain", "m", "--bai.normalize", "--bai.max_shard_size", "1GB"]) == 1
+    assert capsys.readouterr().err == ("openrlhf-bai: error: --bai.normalize --bai.max_shard_size given without "
+                                       "--actor_init bai; add --actor_init bai to merge\n")

@@ -7,6 +7,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,6 +229,16 @@ def test_cli_reports_and_reuses_the_cached_candidate(probed, llama_family, files
     ("missing_heldout", "held-out text file not found"),
     ("reasoning_index", "--reasoning-sft 3: there are 2 SFT models"),
     ("disk", "not enough disk for the candidates in"),
+    ("prompts_not_utf8", "prompts.jsonl:2: not UTF-8 text (byte 0xe9 at offset 17); save the file as UTF-8"),
+    ("heldout_not_utf8", "heldout.txt: not UTF-8 text (byte 0xff at offset 0)"),
+    ("json_is_a_directory", "is a directory; give a file path"),
+    ("json_is_the_prompts", "is one of the inputs"),
+    ("plot_inside_a_checkpoint", "is inside the input directory"),
+    ("plot_format", ".txt is not a figure format"),
+    ("read_only_place", "cannot create a file in /sys"),
+    ("input_template", "--input-template 'Q: {question}': a format string with one {} for the prompt"),
+    ("prompt_not_text", "prompts.jsonl:1: 'question' is int, not text"),
+    ("no_tokenizer", "cannot load the tokenizer of"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case, expected, llama_family, files, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
@@ -249,6 +260,35 @@ def test_bad_input_is_one_line_and_writes_nothing(case, expected, llama_family, 
         args += ["--heldout", str(tmp_path / "nope.txt")]
     elif case == "reasoning_index":
         args += ["--reasoning-sft", "3"]
+    elif case in ("prompts_not_utf8", "heldout_not_utf8"):  # Latin-1 text, as an old Windows editor saves it
+        (tmp_path / "in").mkdir()
+        files = tmp_path / "in"
+        (files / "prompts.jsonl").write_bytes(b'{"question": "hi"}\n{"question": "caf\xe9"}\n')
+        if case == "heldout_not_utf8":
+            (files / "prompts.jsonl").write_text('{"question": "hi"}\n')
+            (files / "heldout.txt").write_bytes(b"\xff\xfeh\x00i\x00")  # UTF-16
+            args += ["--heldout", str(files / "heldout.txt")]
+    elif case == "json_is_a_directory":
+        args[-1] = str(tmp_path)
+    elif case == "json_is_the_prompts":
+        args[-1] = str(files / "prompts.jsonl")
+    elif case == "plot_inside_a_checkpoint":
+        args[1] = str(family["sft_reasoning"] / "probe.png")
+    elif case == "plot_format":
+        args[1] = str(tmp_path / "p.txt")
+    elif case == "read_only_place":
+        args[-1] = "/sys/p.json"
+    elif case == "input_template":
+        args += ["--input-template", "Q: {question}"]
+    elif case == "prompt_not_text":
+        (tmp_path / "in").mkdir()
+        files = tmp_path / "in"
+        (files / "prompts.jsonl").write_text('{"question": 5}\n')
+    elif case == "no_tokenizer":  # the input the tokenizer comes from has none
+        family = {**family, "base": tmp_path / "bare"}
+        shutil.copytree(llama_family["base"], family["base"],
+                        ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*", "chat_template*"))
+        args += ["--tokenizer-from", str(family["base"])]
     elif case == "disk":  # 1 TiB per candidate in sparse files: more than this disk has free
         family = {k: _sparse_copy(family[k], tmp_path / k, 1 << 40) for k in ("base", "sft_instruct", "sft_reasoning")}
         assert shutil.disk_usage(tmp_path).free < 2 << 40
@@ -271,3 +311,55 @@ def test_vllm_engine_without_a_gpu_is_refused(llama_family, files, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "openrlhf-bai: error: --engine vllm needs a CUDA GPU and none is visible; use --engine hf")
     assert list(tmp_path.iterdir()) == []
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_goes_where_plot_says_or_beside_json_never_into_the_cwd(probed, llama_family, files, tmp_path,
+                                                                          monkeypatch, capsys):
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir(), out.mkdir()
+    monkeypatch.chdir(cwd)
+    small = ("--max-new-tokens", "2", "--num-prompts", "1")
+    assert cli(_args(llama_family, files, *small, "--json", str(out / "r.json"))) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["r.json", "r.png"] and (out / "r.png").read_bytes()[:8] == PNG
+    assert capsys.readouterr().out.splitlines()[-1] == f"plot: {out / 'r.png'}, numbers: {out / 'r.json'}"
+    assert cli(_args(llama_family, files, *small, "--plot", str(out / "r.pdf"))) == 0
+    assert (out / "r.pdf").read_bytes()[:5] == b"%PDF-"
+    capsys.readouterr()
+    assert cli(_args(llama_family, files, *small)) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("nothing written")
+    assert list(cwd.iterdir()) == [] and len(list(out.iterdir())) == 3
+
+
+def test_a_probe_candidate_is_the_merge_that_merge_and_actor_init_bai_reuse(llama_family, files, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The README's promise: the same recipe through probe, merge and train-ppo is one recipe hash, one cached
+    candidate, reused untouched, whatever recipe flags it takes (--normalize and --max-shard-size included)."""
+    monkeypatch.setenv("OPENRLHF_BAI_CACHE", str(tmp_path / "cache"))
+    base, instruct, reasoning = (str(llama_family[k]) for k in ("base", "sft_instruct", "sft_reasoning"))
+    recipe = ["--base", base, "--sft", instruct, reasoning, "--sft-weights", "2", "1", "--normalize",
+              "--max-shard-size", "100KB", "--dtype", "fp32", "--config-from", reasoning, "--tokenizer-from", base,
+              "--vocab-mismatch", "renormalize"]
+    assert cli(["probe", *recipe, "--alphas", "0.3", "--prompts", str(files / "prompts.jsonl"), "--input-key",
+                "question", "--engine", "hf", "--max-new-tokens", "2", "--num-prompts", "1",
+                "--json", str(tmp_path / "p.json")]) == 0
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    candidate = Path(next(r["path"] for r in rows if r["kind"] == "candidate"))
+    assert candidate.is_relative_to(tmp_path / "cache")  # the shared merge cache
+    assert len(list(candidate.glob("model-*-of-*.safetensors"))) > 1  # --max-shard-size reached the merge
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in candidate.iterdir()}
+    capsys.readouterr()
+
+    assert cli(["merge", *recipe, "--alpha", "0.3", "--output", str(candidate), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"recipe hash {candidate.name.removeprefix('bai-')}" in out and "holds this merge already" in out
+
+    bai = ["--bai.base", base, "--bai.sft", instruct, reasoning, "--bai.sft_weights", "2", "1", "--bai.normalize",
+           "--bai.max_shard_size", "100KB", "--bai.dtype", "fp32", "--bai.config_from", reasoning,
+           "--bai.tokenizer_from", base, "--bai.vocab_mismatch", "renormalize"]
+    assert cli(["train-ppo", "--actor_init", "bai", *bai, "--bai.alpha", "0.3", "--bai.merge_only"]) == 0
+    command = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert command[command.index("--actor.model_name_or_path") + 1] == str(candidate)
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in candidate.iterdir()} == before

@@ -3,9 +3,12 @@
 The installed openrlhf package (the wheel's files, checked against the wheel's RECORD hashes) is copied into a
 temporary directory and patched there with `git apply`; the patched OpenRLHF then runs in subprocesses with that
 directory first on PYTHONPATH, so its CLI and trainer find openrlhf_bai through the entry points openrlhf_bai
-really installs (pyproject.toml: groups openrlhf.actor_init and openrlhf.trainer_callbacks).
+really installs (pyproject.toml: groups openrlhf.actor_init and openrlhf.trainer_callbacks). OpenRLHF's own
+tests/test_ppo_trainer.py and this project's tests/test_hooks_monitor.py run there too: the monitor on the
+trainer-callback API, with nothing wrapped.
 """
 
+import ast
 import base64
 import hashlib
 import importlib.metadata
@@ -140,8 +143,8 @@ def test_trainer_callbacks_run_the_stability_monitor_in_the_patched_trainer(patc
 
     run = run_python(patched, "-c", TRAINER_SCRIPT, str(tmp_path))
     assert run.returncode == 0, run.stderr
-    # The entry point installed the trainer hooks at the first step; their wrapper ran the callbacks from then on.
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == [True] * 12
+    # The entry point ran the monitor at every step; OpenRLHF's method was never wrapped.
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [False] * 12
 
     rows = [json.loads(line) for line in (tmp_path / "ckpt" / "bai_diagnostics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 13))  # the monitor ran once per step, never twice
@@ -159,17 +162,42 @@ def test_trainer_callbacks_run_the_stability_monitor_in_the_patched_trainer(patc
     assert sorted(logged) == list(range(1, 13)) and logged[collapse[0]] == 1.0  # judged from the first step
 
 
-def test_openrlhf_trainer_tests_pass_on_the_patched_files(patched):
-    """OpenRLHF's own tests/test_ppo_trainer.py, with the test the pull request adds (OpenRLHF's mocking style, so
-    the trainer module imports without Ray), run on the patched files with openrlhf_bai installed."""
+def test_openrlhf_trainer_tests_pass_on_the_patched_files(patched, run_pytest):
+    """OpenRLHF's own tests/test_ppo_trainer.py, with the tests the pull request adds (OpenRLHF's mocking style, so
+    the trainer modules import without Ray), run on the patched files with openrlhf_bai installed."""
     site = patched["PYTHONPATH"].split(os.pathsep)[0]
-    run = run_python(patched, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ppo_trainer.py", cwd=site)
+    run, results = run_pytest(patched, "tests/test_ppo_trainer.py", cwd=site)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "10 passed" in run.stdout  # 9 of the release, 1 of the patch
+    assert {outcome for outcome, _ in results.values()} == {"passed"}
+    release = importlib.metadata.distribution("openrlhf").locate_file("tests/test_ppo_trainer.py").read_text()
+    ran = {name.split("[")[0] for name in results}
+    assert ran == defined_tests(release) | {
+        "test_trainer_callbacks_load_once_and_see_each_step_before_logging_and_checkpointing",
+        "test_sync_fit_ends_after_the_step_a_callback_stops",
+        "test_async_fit_ends_generator_and_trainer_after_the_step_a_callback_stops",
+    }
+
+
+def defined_tests(source: str) -> set:
+    return {node.name for node in ast.parse(source).body
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+
+def test_the_monitor_tests_pass_on_the_patched_files_through_the_callback_api(patched, run_pytest):
+    """tests/test_hooks_monitor.py, every test (metrics, save, stop in PPOTrainer.fit and in the async trainer,
+    resume, never harming the step, alerts), on the patched files: the monitor is an ordinary trainer callback there."""
+    monitor_tests = Path(__file__).with_name("test_hooks_monitor.py")
+    run, results = run_pytest(patched, str(monitor_tests))
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    assert {outcome for outcome, _ in results.values()} == {"passed"}
+    assert {name.split("[")[0] for name in results} == defined_tests(monitor_tests.read_text())
+    properties = results["test_the_monitor_takes_openrlhfs_callback_api_where_it_has_one_and_wraps_nothing"][1]
+    site = patched["PYTHONPATH"].split(os.pathsep)[0]
+    assert properties == {"callback_path": "api", "openrlhf": f"0.11.2 {os.path.join(site, 'openrlhf')}"}
 
 
 def test_a_failing_monitor_in_the_patched_trainer_is_logged_once_and_training_goes_on(patched, tmp_path):
-    """The entry point's first call and the hooks' wrapper afterwards, both guarded: a ckpt.path below a regular file
+    """The entry point's call at every step is guarded: a ckpt.path below a regular file
     (the JSONL row cannot be written) ends nothing; each step's metrics are logged and the failures counted."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

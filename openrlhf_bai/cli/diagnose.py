@@ -12,11 +12,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from openrlhf_bai.atomic import check_output_file, same_file, write_text_atomic
 from openrlhf_bai.diagnostics.detectors import HELP, SIGNAL_KEYS, Thresholds, analyze, first_value, make_thresholds
+from openrlhf_bai.diagnostics.plot import FIGURE_FORMATS, figure_format
 from openrlhf_bai.diagnostics.readers import KINDS, read_rows
 from openrlhf_bai.errors import BAIError
 
@@ -40,7 +41,9 @@ def parse_args(argv):
     parser.add_argument("--kind", choices=KINDS, help="read every RUN as this kind instead of detecting it")
     parser.add_argument("--json", metavar="FILE",
                         help="write the verdicts as JSON (a list when there are several RUNs)")
-    parser.add_argument("--plot", metavar="FILE.png", help="write every signal of all RUNs in one PNG")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="write every signal of all RUNs in one figure, in the format of the suffix "
+                             f"({', '.join(FIGURE_FORMATS)})")
     parser.add_argument("--fail-on", default="", metavar=",".join(PHENOMENA),
                         help=f"exit {FOUND_EXIT_STATUS} when one of these is found in any RUN")
     parser.add_argument("--step-key", metavar="NAME", help="the step column of a CSV / JSONL file")
@@ -65,10 +68,21 @@ def parse_args(argv):
                                           flag=lambda key: f"--{key.replace('_', '-')}")
     except BAIError as e:
         parser.error(str(e))
-    for output in (args.json, args.plot):
-        if output and not Path(output).resolve().parent.is_dir():
-            parser.error(f"{output}: its directory does not exist")
+    check_outputs(args)
     return args
+
+
+def check_outputs(args) -> None:
+    """--json and --plot, before any RUN is read: a writable file, never a RUN (through links too) nor inside a
+    TensorBoard RUN's directory, never each other; the plot in a figure format. Logs are never written."""
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--plot", args.plot)) if path]
+    if args.json and args.plot:
+        if same_file(args.json, args.plot) or os.path.abspath(args.json) == os.path.abspath(args.plot):
+            raise BAIError(f"--json and --plot name the same file {args.plot}; give two paths")
+    for flag, path in outputs:
+        check_output_file(path, args.runs, flag)
+    if args.plot:
+        figure_format(args.plot)
 
 
 def diagnose_run(run: str, args) -> dict:
@@ -152,20 +166,6 @@ def verdict_table(verdicts: list[dict]) -> str:
                      for row in [header, *lines])
 
 
-def write_json(path: str, payload) -> None:
-    path = Path(path)
-    # Temp file and rename: a reader never sees half a verdict.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(payload, out, indent=2)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     runs = [diagnose_run(run, args) for run in args.runs]
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
 
     print(verdict_table(verdicts))
     if args.json:
-        write_json(args.json, verdicts[0] if len(verdicts) == 1 else verdicts)
+        write_text_atomic(args.json, json.dumps(verdicts[0] if len(verdicts) == 1 else verdicts, indent=2) + "\n")
     if args.plot:
         from openrlhf_bai.diagnostics.plot import plot_runs
 

@@ -7,31 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-
-def add_recipe_args(p: argparse.ArgumentParser, with_alpha: bool = True) -> None:
-    """The recipe's flags, shared by `merge` and `probe` so the same values find the same cached merge."""
-    p.add_argument("--base", required=True, help="pretrained base model: local directory or hub id")
-    p.add_argument("--sft", required=True, nargs="+", help="SFT models (e.g. instruct, then reasoning)")
-    p.add_argument("--sft-weights", type=float, nargs="+", default=None, help="stage-1 weights (default: equal)")
-    if with_alpha:
-        p.add_argument("--alpha", type=float, default=0.5, help="share of the base in the actor (default 0.5)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: the base's dtype")
-    p.add_argument("--max-shard-size", default="5GB", help="as in transformers (default 5GB)")
-    p.add_argument("--config-from", default=None, help="input that supplies config.json (default: first --sft)")
-    p.add_argument("--tokenizer-from", default=None, help="input that supplies the tokenizer (default: first --sft)")
-    p.add_argument("--normalize", action="store_true", help="rescale SFT weights that do not sum to 1")
-    p.add_argument("--vocab-mismatch", choices=["error", "renormalize"], default="error",
-                   help="embedding rows only some inputs have: refuse (default) or merge each row over its owners")
-
-
-def recipe_from_args(a: argparse.Namespace, alpha: float | None = None):
-    from openrlhf_bai.recipe import BAIRecipe
-
-    return BAIRecipe(
-        base=a.base, sft=tuple(a.sft), sft_weights=tuple(a.sft_weights) if a.sft_weights else None,
-        alpha=a.alpha if alpha is None else alpha, dtype=a.dtype, normalize=a.normalize, config_from=a.config_from,
-        tokenizer_from=a.tokenizer_from, vocab_mismatch=a.vocab_mismatch, max_shard_size=a.max_shard_size,
-    )
+from openrlhf_bai.recipe import add_recipe_flags, recipe_from_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="openrlhf-bai merge",
         description="M_sft = sum_i w_i * M_i, then M_bai = alpha * M_base + (1 - alpha) * M_sft (arXiv 2509.00309).",
     )
-    add_recipe_args(p)
+    add_recipe_flags(p, required=("base", "sft"))
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--dry-run", action="store_true", help="run every check and print the plan; write nothing")
@@ -57,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from openrlhf_bai.recipe import to_mergekit_yaml
 
     a = build_parser().parse_args(argv)
-    recipe = recipe_from_args(a)
+    recipe = recipe_from_flags(a)
     plan = plan_merge(recipe)
     output = Path(a.output).expanduser().absolute()
     reuse = check_destination(output, plan, a.overwrite)

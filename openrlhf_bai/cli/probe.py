@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from openrlhf_bai.cli.merge import add_recipe_args, recipe_from_args
 from openrlhf_bai.probe import MAX_KL_BASE_SHARE, MIN_LENGTH_SHARE
+from openrlhf_bai.recipe import add_recipe_flags, recipe_from_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openrlhf-bai probe", description=__doc__.split("\n\n")[0])
     merge = p.add_argument_group("the merge (as for `openrlhf-bai merge`; the same values reuse the same cache)")
-    add_recipe_args(merge, with_alpha=False)
+    add_recipe_flags(merge, skip=("alpha",), required=("base", "sft"))
     merge.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                        help="candidate shares of the base, each in [0, 1] (default 0.1 0.3 0.5 0.7 0.9)")
 
@@ -46,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"KL to base <= this share of the reasoning SFT's KL to base (default {MAX_KL_BASE_SHARE})")
 
     out = p.add_argument_group("output")
-    out.add_argument("--plot", default="bai-probe.png", help="PNG of length, EOS rate and KL against alpha")
-    out.add_argument("--json", default=None, help="also write every number to this JSON file")
+    out.add_argument("--plot", default=None, metavar="FILE.png",
+                     help="figure of length, EOS rate and KL against alpha, in the format of the suffix (default: "
+                          "beside --json, its name ending in .png; none without --json)")
+    out.add_argument("--json", default=None, metavar="FILE", help="write every number to this JSON file")
     return p
 
 
@@ -57,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     from openrlhf_bai.probe import run_probe
 
     a = build_parser().parse_args(argv)
+    # The plot goes where --plot says or beside --json, never into the current directory unasked.
+    plot = a.plot or (str(Path(a.json).with_suffix(".png")) if a.json else None)
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load would bury the probe's own lines
     result = run_probe(
-        recipe_from_args(a, alpha=0.5), a.alphas, a.prompts, reasoning_sft=a.reasoning_sft, input_key=a.input_key,
+        recipe_from_flags(a), a.alphas, a.prompts, reasoning_sft=a.reasoning_sft, input_key=a.input_key,
         input_template=a.input_template, apply_chat_template=a.apply_chat_template, num_prompts=a.num_prompts or None,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, engine=a.engine,
         batch_size=a.batch_size, heldout=a.heldout, heldout_max_tokens=a.heldout_max_tokens,
-        min_length_share=a.min_length_share, max_kl_base_share=a.max_kl_base_share, plot_path=a.plot,
+        min_length_share=a.min_length_share, max_kl_base_share=a.max_kl_base_share, plot_path=plot,
         json_path=a.json,
     )
     s = result["suggestion"]
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if s["alpha"] is not None:
         path = next(r["path"] for r in result["rows"] if r["kind"] == "candidate" and r["alpha"] == s["alpha"])
         print(f"  merged at {path}; `--actor_init bai --bai.alpha {s['alpha']:g}` with the same models reuses it")
-    print(f"plot: {a.plot}" + (f", numbers: {a.json}" if a.json else ""))
+    written = [f"{name}: {path}" for name, path in (("plot", plot), ("numbers", a.json)) if path]
+    print(", ".join(written) if written else "nothing written (--json FILE keeps the numbers and a plot beside them)")
     return 0
 
 

@@ -8,11 +8,14 @@ its step (and the collapsed or dropped span shaded). One colour per run; legends
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from openrlhf_bai.atomic import write_atomic
 from openrlhf_bai.diagnostics.detectors import Thresholds
+from openrlhf_bai.errors import BAIError
+
+# What a figure path may end with: the format is the suffix's (matplotlib writes each without extra packages).
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps")
 
 # (per-step metric, verdict key, where the detection step is, panel title, y label, threshold from Thresholds)
 PANELS = (
@@ -27,7 +30,8 @@ PANELS = (
 
 
 def plot_runs(path: str | Path, runs: list[dict], th: Thresholds) -> None:
-    """Write the PNG; each run is a dict with label, verdict and per_step (from detectors.analyze)."""
+    """Write the figure (format from the suffix of `path`); each run is a dict with label, verdict and per_step
+    (from detectors.analyze)."""
     # No pyplot: a bare Figure on the Agg canvas needs no display and leaves no global state behind.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -72,13 +76,19 @@ def plot_runs(path: str | Path, runs: list[dict], th: Thresholds) -> None:
     ]
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")
 
-    path = Path(path)
-    # Written next to the target and renamed, so an interrupted run leaves no half-written PNG.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            fig.savefig(out, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    save_figure(fig, path)
+
+
+def figure_format(path: str | Path, flag: str = "--plot") -> str:
+    """The format `path` asks for by its suffix; one BAIError line for a suffix that is no figure format."""
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in FIGURE_FORMATS:
+        raise BAIError(f"{flag} {path}: {'.' + suffix if suffix else 'no suffix'} is not a figure format; end the "
+                       f"name with one of {', '.join('.' + f for f in FIGURE_FORMATS)}")
+    return suffix
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure in the format of its suffix, atomically (an interrupted run leaves no half file)."""
+    fmt = figure_format(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100))

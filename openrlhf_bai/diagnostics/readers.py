@@ -102,13 +102,23 @@ def read_rows(path: str | Path, kind: str | None = None, step_key: str | None = 
 def _read_text(path: Path, limit: int = -1) -> str:
     if path.is_dir():
         raise BAIError(f"{path}: is a directory; only a TensorBoard run can be a directory")
-    with path.open("rb") as f:
-        data = f.read(limit)
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit)
+    except OSError as e:
+        raise BAIError(f"{path}: cannot read ({e.strerror or e})") from None
     if not data.strip():
         raise BAIError(f"{path}: file is empty; expected {EXPECTED}")
     if b"\x00" in data[:65536]:
         raise BAIError(f"{path}: binary file; expected {EXPECTED}")
     return data.decode("utf-8-sig", errors="replace")
+
+
+def _read_lines(path: Path) -> str:
+    """The text of a line-based log up to its last newline. A log being written may end in half a line (a logger
+    writes a line in pieces); that line is left for the next read, which will find it whole."""
+    text = _read_text(path)
+    return text[: text.rfind("\n") + 1]
 
 
 def _append(rows: list, step: int, metrics: dict) -> None:
@@ -138,7 +148,7 @@ def _read_stdout(path: Path) -> list:
     rows: list = []
     # Split on newlines only: tqdm's \r redraws share a line with the logger's output, and line numbers stay
     # the ones an editor shows.
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+    for lineno, line in enumerate(_read_lines(path).split("\n"), 1):
         match = STEP_LINE.search(ANSI_ESCAPE.sub("", line))
         if not match:
             continue
@@ -156,7 +166,7 @@ def _read_stdout(path: Path) -> list:
 def _read_jsonl(path: Path, step_key: str | None = None) -> list:
     rows: list = []
     keys = (step_key,) if step_key else STEP_KEYS
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+    for lineno, line in enumerate(_read_lines(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -167,17 +177,31 @@ def _read_jsonl(path: Path, step_key: str | None = None) -> list:
             ) from None
         key = next((k for k in keys if isinstance(record, dict) and k in record), None)
         step = _number(record[key]) if key else None
-        if step is None or not math.isfinite(step):
+        if step is None:
             wanted = " or ".join(f'"{k}"' for k in keys)
             raise BAIError(f"{path}:{lineno}: no {wanted} in this line; expected one {{\"step\": N, ...}} per line")
+        if not math.isfinite(step):
+            continue  # a NaN or infinite step, as in every reader: no step to put it at
         metrics = {_strip(name): _number(value) for name, value in record.items() if name not in keys}
         _append(rows, int(step), {name: value for name, value in metrics.items() if value is not None})
     return rows
 
 
 def _read_csv(path: Path, step_key: str | None = None) -> list:
-    table = csv.reader(io.StringIO(_read_text(path), newline=""))
-    header = [column.strip() for column in next(table)]
+    text = _read_lines(path)
+    # A cell may be as long as the file (wandb exports tables and samples as JSON text in a cell); csv's default
+    # limit is 128 KiB. The limit is process-wide, so it is put back afterwards.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    try:
+        return _read_csv_rows(path, csv.reader(io.StringIO(text, newline="")), step_key)
+    except csv.Error as e:
+        raise BAIError(f"{path}: not a readable CSV file ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _read_csv_rows(path: Path, table, step_key: str | None) -> list:
+    header = [column.strip() for column in next(table, [])]
     keys = (step_key,) if step_key else STEP_KEYS
     step_column = next((c for c in keys if c in header), None)
     if step_column is None:
@@ -207,7 +231,7 @@ def _read_csv(path: Path, step_key: str | None = None) -> list:
 
 def _read_verl(path: Path) -> list:
     rows: list = []
-    for line in _read_text(path).split("\n"):
+    for line in _read_lines(path).split("\n"):
         match = VERL_LINE.search(ANSI_ESCAPE.sub("", line).rstrip())
         if match:
             metrics = {key.strip(): float(value) for key, value in VERL_ITEM.findall(match.group(2))}
@@ -217,7 +241,7 @@ def _read_verl(path: Path) -> list:
 
 def _read_trl(path: Path, logging_steps: int) -> list:
     rows: list = []
-    for line in _read_text(path).split("\n"):
+    for line in _read_lines(path).split("\n"):
         match = TRL_LINE.search(ANSI_ESCAPE.sub("", line).split("\r")[-1].rstrip())
         if not match:
             continue
@@ -238,7 +262,7 @@ def _read_trainer_state(path: Path) -> list:
     rows: list = []
     for entry in history:
         step = _number(entry.get("step")) if isinstance(entry, dict) else None
-        if step is None or any(key.startswith(("eval_", "train_runtime")) for key in entry):
+        if step is None or not math.isfinite(step) or any(key.startswith(("eval_", "train_runtime")) for key in entry):
             continue
         metrics = {_strip(key): _number(value) for key, value in entry.items() if key != "step"}
         _append(rows, int(step), {key: value for key, value in metrics.items() if value is not None})

@@ -1,16 +1,22 @@
-"""Trainer hooks: callbacks that see every step OpenRLHF's PPO trainer logs, guarded so they never end the training.
+"""Trainer callbacks: functions that see every step OpenRLHF's PPO trainer logs, guarded so they never end the training.
 
-install_hooks(*builtin)    wraps BasePPOTrainer.save_logs_and_checkpoints, the one method both PPOTrainer.fit and
-                           the async TrainingActor.fit call once per step, so each registered callback sees the step's
-                           logs before wandb and TensorBoard do (and may add keys to them); registers `builtin` (the
-                           caller's own callbacks, first), then the entry points of `openrlhf_bai.callbacks`.
+A callback is fn(trainer, global_step, logs_dict, client_states), the signature of OpenRLHF's trainer-callback API
+(patches/openrlhf-0.11.2-actor-init.patch): keys it adds to logs_dict are logged (wandb, TensorBoard), keys it adds to
+client_states are checkpointed, and it may ask for a checkpoint at this step and for the end of training after it.
+
+install_hooks(*builtin)    registers `builtin` (the caller's own callbacks, first), then the entry points of
+                           `openrlhf_bai.callbacks`. Where OpenRLHF has the callback API (has_callback_api()), its
+                           `openrlhf.trainer_callbacks` entry point (upstream.trainer_callback) runs them and nothing
+                           is wrapped; elsewhere backport.install() wraps three of OpenRLHF's methods to do the same.
 run_callbacks(...)         runs them; a callback that raises is reported (report_error) and the step goes on. Only
                            a user callback raises through, and only with trainer.bai_strict_callbacks set.
 report_error(t, who, e)    logs a failure once per who-and-reason through OpenRLHF's logger, counts every one in
                            the step's bai/monitor_errors.
-register_callback(fn)      fn(trainer, global_step, logs_dict, client_states) -> None.
-request_checkpoint(t)      ask for an OpenRLHF checkpoint at this step (OpenRLHF's own save code runs it).
-request_stop(t)            end PPOTrainer.fit / the async generator loop as if the prompts had run out.
+register_callback(fn)      adds a callback.
+request_checkpoint(t)      trainer.should_save: OpenRLHF's own save code writes a checkpoint at this step.
+request_stop(t)            trainer.should_save and trainer.should_stop: that checkpoint, then training ends.
+resumed_states(t)          the client_states of the checkpoint the run resumed from ({} on a fresh start).
+why_no_monitor()           None where the installed OpenRLHF can run the monitor, else the one line saying why.
 
 This module knows no particular callback: worker.py installs it with the stability monitor (monitor.py), which
 imports it for the requests and report_error.
@@ -27,6 +33,29 @@ ENTRY_POINT_GROUP = "openrlhf_bai.callbacks"
 CALLBACKS: list = []  # called in order; install_hooks' built-in callbacks first
 BUILTIN: list = []  # the plugin's own: their failures are never fatal, --bai.strict_callbacks or not
 ERRORS_METRIC = "bai/monitor_errors"
+# The OpenRLHF releases `make test` runs the monitor on (tests/test_openrlhf_versions.py); older ones are refused.
+TESTED_OPENRLHF = ("0.10.4", "0.11.0", "0.11.1", "0.11.2")
+
+
+def has_callback_api() -> bool:
+    """Whether the installed OpenRLHF has the trainer-callback API (should_save, should_stop, checkpoint_states)."""
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    return hasattr(BasePPOTrainer, "should_stop")
+
+
+def why_no_monitor() -> str | None:
+    """None where the stability monitor runs in the installed OpenRLHF; else one line naming the reason."""
+    try:
+        version = importlib.metadata.version("openrlhf")
+    except importlib.metadata.PackageNotFoundError:
+        return "OpenRLHF is not installed"
+    release = tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+    oldest = TESTED_OPENRLHF[0]
+    if release < tuple(map(int, oldest.split("."))):  # 0.10.0 and older: flat args (args.ckpt_path), other loops
+        return (f"the stability monitor needs OpenRLHF {oldest} or later (tested: {', '.join(TESTED_OPENRLHF)}), "
+                f"found {version}; training runs without it, `openrlhf-bai diagnose` reads its logs afterwards")
+    return None
 
 
 def register_callback(callback):
@@ -39,23 +68,14 @@ def register_callback(callback):
 
 
 def install_hooks(*builtin) -> None:
-    """Wrap OpenRLHF's trainer methods (once per process); register `builtin`, then the entry-point callbacks."""
-    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+    """Register `builtin`, then the entry-point callbacks; backport the callback API where OpenRLHF lacks it."""
+    why = why_no_monitor()  # before importing OpenRLHF's trainer, which an older release may fail at
+    if why:
+        raise BAIError(why)
+    if not has_callback_api():
+        from openrlhf_bai.integration import backport
 
-    if not hasattr(BasePPOTrainer, "restore_best_checkpoint_state"):
-        raise BAIError(
-            f"the trainer hooks need OpenRLHF 0.11, found {importlib.metadata.version('openrlhf')}; "
-            "--actor_init bai works with older releases, the live monitor does not (use `openrlhf-bai diagnose`)"
-        )
-    if not getattr(BasePPOTrainer.save_logs_and_checkpoints, "_openrlhf_bai", False):
-        BasePPOTrainer.save_logs_and_checkpoints = _wrap_save_logs(BasePPOTrainer.save_logs_and_checkpoints)
-        # Resume (0.11): the checkpoint's client_states reach the trainer here, in PPOTrainer.fit and in the
-        # async PPOTrainerAsync.fit alike; callbacks read them back from trainer.bai_resumed_states.
-        BasePPOTrainer.restore_best_checkpoint_state = _wrap_restore(BasePPOTrainer.restore_best_checkpoint_state)
-        # Stop (0.11): every rollout batch of the sync trainer and of the async generator actor comes from here.
-        from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
-
-        SamplesGenerator.generate_samples = _wrap_generate_samples(SamplesGenerator.generate_samples)
+        backport.install()
 
     for callback in builtin:
         if callback not in CALLBACKS:
@@ -117,71 +137,17 @@ def report_error(trainer, who: str, error: BaseException) -> None:
         f"not logged again, every failure is counted in {ERRORS_METRIC}", exc_info=error)
 
 
-def _wrap_save_logs(original):
-    def save_logs_and_checkpoints(self, global_step, logs_dict=None, client_states=None):
-        # Fresh dicts where the caller passed none, so that callbacks' additions reach the loggers and the save.
-        logs_dict = {} if logs_dict is None else logs_dict
-        client_states = {} if client_states is None else client_states
-        run_callbacks(self, global_step, logs_dict, client_states)
-        if not self.__dict__.pop("_bai_checkpoint_requested", False):
-            return original(self, global_step, logs_dict, client_states)
-        # A save step for this one call: OpenRLHF's own code writes the checkpoint (tag, client_states, critic,
-        # --ckpt.max_num rotation) exactly as at --ckpt.save_steps.
-        save_steps, self.args.ckpt.save_steps = self.args.ckpt.save_steps, 1
-        try:
-            return original(self, global_step, logs_dict, client_states)
-        finally:
-            self.args.ckpt.save_steps = save_steps
-
-    save_logs_and_checkpoints._openrlhf_bai = True
-    save_logs_and_checkpoints.__wrapped__ = original
-    return save_logs_and_checkpoints
-
-
-def _wrap_restore(original):
-    def restore_best_checkpoint_state(self, checkpoint_states):
-        self.bai_resumed_states = dict(checkpoint_states or {})
-        return original(self, checkpoint_states)
-
-    restore_best_checkpoint_state.__wrapped__ = original
-    return restore_best_checkpoint_state
-
-
-def _wrap_generate_samples(original):
-    def generate_samples(self, **generate_kwargs):
-        if stop_requested(self.args):
-            # What generate_samples returns once the prompts are used up: fit leaves its loops, closes its
-            # loggers, and train() saves the final model, as at a normal end.
-            return [], None, 0, True
-        return original(self, **generate_kwargs)
-
-    generate_samples.__wrapped__ = original
-    return generate_samples
-
-
 def request_checkpoint(trainer) -> None:
     """Make the step being logged a checkpoint step (callbacks call this; the save follows the loggers)."""
-    trainer._bai_checkpoint_requested = True
-
-
-def _stop_key(args) -> bytes:
-    # The trainer and (in async mode) the generator are different Ray actors of one job sharing one args;
-    # Ray's key-value store reaches both.
-    import ray
-
-    return f"openrlhf_bai:stop:{ray.get_runtime_context().get_job_id()}:{args.ckpt.path}".encode()
+    trainer.should_save = True
 
 
 def request_stop(trainer) -> None:
-    """Save a checkpoint at this step, then end training: no rollout batch is generated after this one."""
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    request_checkpoint(trainer)
-    _internal_kv_put(_stop_key(trainer.args), b"1", overwrite=True)
+    """Save a checkpoint at this step, then end training: no rollout batch is trained after this one."""
+    trainer.should_save = True
+    trainer.should_stop = True
 
 
-def stop_requested(args) -> bool:
-    import ray
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    return ray.is_initialized() and _internal_kv_get(_stop_key(args)) is not None
+def resumed_states(trainer) -> dict:
+    """What the callbacks saved in client_states, read back from the checkpoint a run resumed from."""
+    return getattr(trainer, "checkpoint_states", None) or {}

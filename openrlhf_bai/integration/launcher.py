@@ -1,10 +1,11 @@
 """`--actor_init bai` for OpenRLHF's train_ppo_ray: merge on the driver, point the actor at the merge, run OpenRLHF.
 
 run(argv), top to bottom:
-  split argv        the --actor_init / --bai.* flags (add_bai_arguments) from OpenRLHF's, which pass through untouched
+  split argv        the --actor_init / --bai.* flags (add_bai_arguments) from OpenRLHF's, which pass through untouched;
+                    a --bai.* flag we do not know is refused here, naming the closest (refuse_unknown_bai_flags)
   init_actor(args)  materialize the BAI checkpoint (merged into the shared cache, or on every node) and point the
                     actor, and a critic that is the actor, at it; a patched OpenRLHF parser calls the same function
-  rewrite argv      --actor.model_name_or_path (0.11) or --pretrain (up to 0.10), and the critic's flag
+  rewrite argv      --actor.model_name_or_path (0.10.2 on) or --pretrain (before), and the critic's flag
   merge_only        print the OpenRLHF command, shell-quoted, and stop
   start_ray         OpenRLHF's runtime_env env_vars + the worker setup hook (worker.py) + the monitor's settings
   runpy             OpenRLHF's own openrlhf.cli.train_ppo_ray as __main__: its parser, its checks, its train()
@@ -16,12 +17,14 @@ reference model, the vLLM engines, the tokenizer and a critic that defaults to t
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import runpy
 import shlex
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -29,14 +32,17 @@ from types import SimpleNamespace
 
 from openrlhf_bai.diagnostics.detectors import HELP, Thresholds
 from openrlhf_bai.errors import BAIError
+from openrlhf_bai.integration.hooks import why_no_monitor
 from openrlhf_bai.integration.monitor import CONFIG_ENV, ON_COLLAPSE, check_config, monitor_config
+from openrlhf_bai.recipe import RECIPE_FLAGS, add_recipe_flags, bai_flag, recipe_from_flags
 
 OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
 # The env_vars OpenRLHF's train() gives ray.init; a value set in the environment wins, as it does there.
 OPENRLHF_ENV_VARS = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
-ACTOR_FLAGS = ("--actor.model_name_or_path", "--pretrain")  # OpenRLHF 0.11, up to 0.10
+ACTOR_FLAGS = ("--actor.model_name_or_path", "--pretrain")  # OpenRLHF 0.10.2 on, before
 CRITIC_FLAGS = ("--critic.model_name_or_path", "--critic_pretrain")
-RECIPE_FLAGS = ("base", "sft", "sft_weights", "output_dir", "config_from", "tokenizer_from")  # need --actor_init bai
+# Flags renamed in a release, old name -> new name (both without "--bai."): refused naming the replacement.
+RENAMED_BAI_FLAGS: dict[str, str] = {}
 
 
 def add_bai_arguments(parser, actor_init: bool = True) -> None:
@@ -48,16 +54,7 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
                             default="none",
                             help="bai: initialize the actor with the BAI merge of --bai.base and --bai.sft "
                                  "(default none)")
-    parser.add_argument("--bai.base", default=None, metavar="PATH",
-                        help="pretrained base model: local directory or hub id")
-    parser.add_argument("--bai.sft", nargs="+", default=None, metavar="PATH",
-                        help="SFT models, e.g. instruct then reasoning (default: the actor path given to OpenRLHF)")
-    parser.add_argument("--bai.sft_weights", type=float, nargs="+", default=None, metavar="W",
-                        help="stage-1 weights, one per SFT model, summing to 1 (default: equal)")
-    parser.add_argument("--bai.alpha", type=float, default=0.5, metavar="A",
-                        help="share of the base in the actor (default 0.5)")
-    parser.add_argument("--bai.dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                        help="dtype of the merged checkpoint (default auto: the base's)")
+    add_recipe_flags(parser, spell=bai_flag)  # the recipe's flags, as `merge` and `probe` have them
     parser.add_argument("--bai.output_dir", default=None, metavar="DIR",
                         help="directory for the merged actor (default: the shared cache, $OPENRLHF_BAI_CACHE/merges, "
                              "~/.cache/openrlhf-bai/merges when unset, one directory per recipe hash, reused by a "
@@ -67,14 +64,6 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
     parser.add_argument("--bai.materialize", choices=("shared", "per_node"), default="shared",
                         help="shared (default): merge once on the driver, into a path every node can read; "
                              "per_node: merge on every alive Ray node into the same local path, checked by recipe hash")
-    parser.add_argument("--bai.vocab_mismatch", choices=("error", "renormalize"), default="error",
-                        help="embedding rows only some inputs have (an SFT model added tokens): refuse (default), or "
-                             "merge each row over the inputs that have it")
-    parser.add_argument("--bai.config_from", default=None, metavar="PATH",
-                        help="the input (--bai.base or one of --bai.sft) that supplies config.json and "
-                             "generation_config.json (default: the first SFT model)")
-    parser.add_argument("--bai.tokenizer_from", default=None, metavar="PATH",
-                        help="the input that supplies the tokenizer files (default: the first SFT model)")
     parser.add_argument("--bai.threads", type=int, default=None, metavar="N",
                         help="threads of the merge (default: the cores the process may use); changes no byte of it")
     parser.add_argument("--bai.merge_only", action="store_true",
@@ -105,31 +94,116 @@ def init_actor(args) -> None:
     (args.actor, args.critic, args.bai); --bai.sft defaults to the actor path given."""
     if args.actor.init != "bai":
         return
-    from openrlhf_bai.recipe import BAIRecipe
-
     bai, previous = args.bai, args.actor.model_name_or_path
     if not bai.base:
         raise BAIError("--actor_init bai needs --bai.base, the pretrained model the SFT models were trained from")
     sft = bai.sft or ([previous] if previous else None)
     if not sft:
         raise BAIError("--actor_init bai needs --bai.sft or an actor path (taken as the one SFT model)")
-    # Threads are not part of the recipe: they change no byte of the output, so not its hash either.
-    recipe = BAIRecipe(base=bai.base, sft=tuple(sft), alpha=bai.alpha, dtype=bai.dtype,
-                       sft_weights=tuple(bai.sft_weights) if bai.sft_weights else None,
-                       vocab_mismatch=bai.vocab_mismatch, config_from=bai.config_from, tokenizer_from=bai.tokenizer_from)
-    merged = str(materialize(recipe, bai))
+    # The recipe table's fields only: threads change no byte of the output, so not its hash either.
+    recipe = recipe_from_flags(bai, sft=sft)
+    from openrlhf_bai.merger import cache_dir_for, plan_merge
+
+    plan = plan_merge(recipe)  # every check, reading headers only
+    out = Path(bai.output_dir).expanduser().absolute() if bai.output_dir else cache_dir_for(recipe, plan)
+    say_before_merge(args, plan, out)
+    merged = str(materialize(recipe, bai, plan, out))
     args.actor.model_name_or_path = merged
     critic = getattr(args, "critic", None)
     if critic is not None and previous is not None and critic.model_name_or_path == previous:
         critic.model_name_or_path = merged
 
 
-def materialize(recipe, bai) -> Path:
-    """The merged checkpoint's directory, written or reused where every node reads it (--bai.materialize)."""
-    from openrlhf_bai.merger import cache_dir_for, merge, plan_merge
+def say_before_merge(args, plan, out: Path) -> None:
+    """Before the merge, and hours before a GPU job would find out: the plan on stdout, and one warning line on stderr
+    for each way the merged checkpoint would train differently from the actor model the command names. The merge
+    takes config and tokenizer from one input (the first --bai.sft by default), often not today's actor."""
+    from openrlhf_bai.merger import existing_merge_hash, existing_parent
 
-    plan = plan_merge(recipe)  # every check, reading headers only
-    out = Path(bai.output_dir).expanduser().absolute() if bai.output_dir else cache_dir_for(recipe, plan)
+    if existing_merge_hash(out) == plan.recipe_hash:
+        where = f"{out} holds it already (reused)"
+    else:
+        free = shutil.disk_usage(existing_parent(out)).free
+        size = f"{plan.bytes_to_write / 1e9:.2f} GB" if plan.bytes_to_write >= 1e8 else f"{plan.bytes_to_write / 1e6:.2f} MB"
+        where = f"{size} to write into {out} ({free / 1e9:.2f} GB free there)"
+    print(f"openrlhf-bai: BAI merge of {len(plan.inputs)} inputs (alpha {plan.recipe.alpha:g}), {len(plan.tensors)} "
+          f"tensors: {where}")
+
+    def warn(message):
+        print(f"openrlhf-bai: warning: {message}", file=sys.stderr)
+
+    config_src, tokenizer_src = plan.inputs[plan.config_src], plan.inputs[plan.tokenizer_src]
+    config = config_src.config.get("text_config") or config_src.config  # multimodal configs nest the LLM's
+    positions = config.get("max_position_embeddings")
+    data = getattr(args, "data", None)
+    if getattr(args, "prompt_max_len", None) or getattr(args, "generate_max_len", None):  # before OpenRLHF 0.10
+        length = (args.prompt_max_len or 1024) + (args.generate_max_len or 1024)
+        length_flags = "--prompt_max_len + --generate_max_len"
+    else:
+        length = getattr(data, "max_len", None) or 2048  # OpenRLHF 0.10/0.11: prompt + response, default 2048
+        length_flags = "--data.max_len"
+    if isinstance(positions, int) and positions < length:
+        warn(f"max_position_embeddings is {positions} in the config the merge takes from {config_src.label}, below "
+             f"the command's prompt + generation length ({length_flags} {length}); pass --bai.config_from with a "
+             "longer-context input or lower the length")
+
+    actor = args.actor.model_name_or_path
+    if not actor:
+        return
+    actor_dir = next((c.directory for c in plan.inputs if c.path == actor), None)
+    if actor_dir is None and Path(actor).expanduser().is_dir():
+        actor_dir = Path(actor).expanduser().resolve()
+    elif actor_dir is None:  # a hub id not among the inputs: its small files only, never its weights
+        try:
+            from huggingface_hub import snapshot_download
+
+            actor_dir = Path(snapshot_download(actor, allow_patterns=["*.json", "*.jinja"]))
+        except Exception as e:
+            warn(f"cannot read the actor {actor} to compare chat template and EOS token ({type(e).__name__})")
+            return
+    named = f"the actor you named ({actor})"
+    if tokenizer_src.directory != actor_dir and _chat_template(tokenizer_src.directory) != _chat_template(actor_dir):
+        warn(f"chat template differs: the merge takes its tokenizer from {tokenizer_src.label}, not from {named}; "
+             f"pass --bai.tokenizer_from {actor} to keep today's")
+    ours, theirs = _eos(tokenizer_src.directory, config_src.directory), _eos(actor_dir, actor_dir)
+    if (tokenizer_src.directory, config_src.directory) != (actor_dir, actor_dir) and ours != theirs:
+        warn(f"EOS token differs: the merge stops on {ours[0]!r} (ids {ours[1]}) from {tokenizer_src.label} / "
+             f"{config_src.label}, {named} on {theirs[0]!r} (ids {theirs[1]}); pass --bai.tokenizer_from and "
+             f"--bai.config_from {actor} to keep today's")
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _chat_template(directory: Path):
+    """The template transformers would use: chat_template.jinja, else chat_template.json, else tokenizer_config's."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    return (_json(directory / "chat_template.json").get("chat_template")
+            or _json(directory / "tokenizer_config.json").get("chat_template"))
+
+
+def _eos(tokenizer_dir: Path, config_dir: Path) -> tuple:
+    """(the tokenizer's EOS token, the EOS ids generation stops on: generation_config.json, else config.json)."""
+    token = _json(tokenizer_dir / "tokenizer_config.json").get("eos_token") \
+        or _json(tokenizer_dir / "special_tokens_map.json").get("eos_token")
+    if isinstance(token, dict):  # {"content": "<|im_end|>", ...}
+        token = token.get("content")
+    ids = _json(config_dir / "generation_config.json").get("eos_token_id")
+    if ids is None:
+        ids = _json(config_dir / "config.json").get("eos_token_id")
+    return token, sorted(ids) if isinstance(ids, list) else [ids] if ids is not None else []
+
+
+def materialize(recipe, bai, plan, out: Path) -> Path:
+    """`out`, the merged checkpoint's directory, written or reused where every node reads it (--bai.materialize)."""
+    from openrlhf_bai.merger import merge
+
     if bai.materialize == "shared":
         return merge(recipe, out, overwrite=bai.overwrite, plan=plan, threads=bai.threads)
 
@@ -191,10 +265,9 @@ def driver_runtime_env(bai) -> dict:
 
     env_vars = {key: os.environ.get(key, default) for key, default in OPENRLHF_ENV_VARS.items()}
     env_vars[CONFIG_ENV] = json.dumps(monitor_config(bai))
-    version = openrlhf_version()
-    if version is not None and version < (0, 11):
-        print(f"openrlhf-bai: OpenRLHF {'.'.join(map(str, version))} has no hooks for the stability monitor (0.11 "
-              "has); training runs without it, `openrlhf-bai diagnose` reads its logs afterwards", file=sys.stderr)
+    why = why_no_monitor()
+    if why:
+        print(f"openrlhf-bai: {why}", file=sys.stderr)
         runtime_env = {"env_vars": env_vars}
     else:
         runtime_env = ray_runtime_env({"env_vars": env_vars})
@@ -228,13 +301,15 @@ def run(argv: list[str]) -> int:
     )
     add_bai_arguments(parser)
     ours, rest = parser.parse_known_args(argv)
+    refuse_unknown_bai_flags(rest, [flag for action in parser._actions for flag in action.option_strings])
     flat = vars(ours)
     bai = SimpleNamespace(**{key.removeprefix("bai."): value for key, value in flat.items() if key.startswith("bai.")})
     check_config(monitor_config(bai))  # bad thresholds fail here, not in a Ray worker hours later
     if flat["actor.init"] == "bai":
         rest = _actor_init_bai(rest, bai)
     else:
-        given = [f"--bai.{key}" for key in RECIPE_FLAGS if getattr(bai, key) is not None]
+        given = [bai_flag(key) for key in (*RECIPE_FLAGS, "output_dir")
+                 if getattr(bai, key) != parser.get_default(f"bai.{key}")]
         if given:
             raise BAIError(f"{' '.join(given)} given without --actor_init bai; add --actor_init bai to merge")
 
@@ -256,6 +331,21 @@ def run(argv: list[str]) -> int:
     finally:
         sys.argv = saved_argv
     return 0
+
+
+def refuse_unknown_bai_flags(rest: list[str], known: list[str]) -> None:
+    """parse_known_args hands every flag it does not know to OpenRLHF, so a misspelled --bai.* flag would be
+    dropped silently (or refused by OpenRLHF after the merge): refuse it here, naming the closest known flag."""
+    for arg in rest:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--bai"):  # OpenRLHF has no --bai* flag
+            continue
+        renamed = RENAMED_BAI_FLAGS.get(flag.removeprefix("--bai."))
+        if renamed:
+            raise BAIError(f"{flag} was renamed: use {bai_flag(renamed)}")
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see openrlhf-bai train-ppo --help"
+        raise BAIError(f"unknown flag {flag}; {hint}")
 
 
 def shell_quote(arg: str) -> str:
@@ -280,12 +370,12 @@ def _actor_init_bai(rest: list[str], bai) -> list[str]:
     rest = [part for arg in rest for part in (arg.split("=", 1) if arg.split("=", 1)[0] in path_flags else [arg])]
     present = [flag for flag in ACTOR_FLAGS if flag in rest]
     if len(present) > 1:
-        raise BAIError("both --actor.model_name_or_path (OpenRLHF 0.11) and --pretrain (up to 0.10) given; use one")
+        raise BAIError("both --actor.model_name_or_path (OpenRLHF 0.10.2 on) and --pretrain (before) given; use one")
     if present:
         style = ACTOR_FLAGS.index(present[0])
-    else:  # no actor path given: the installed OpenRLHF's spelling
-        version = openrlhf_version()
-        style = 1 if version is not None and version < (0, 11) else 0
+    else:  # no actor path given: the installed OpenRLHF's spelling (nested flags came with openrlhf/utils/config.py)
+        files = {str(file) for file in importlib.metadata.files("openrlhf") or ()} if openrlhf_version() else None
+        style = 1 if files is not None and "openrlhf/utils/config.py" not in files else 0
     actor_flag, critic_flag = ACTOR_FLAGS[style], CRITIC_FLAGS[style]
 
     def last_index(flag):  # argparse keeps the last occurrence
@@ -296,10 +386,13 @@ def _actor_init_bai(rest: list[str], bai) -> list[str]:
         return len(rest) - 1 - rest[::-1].index(flag)
 
     actor_at, critic_at = last_index(actor_flag), last_index(critic_flag)
+    lengths = {flag: rest[at + 1] for flag in ("--data.max_len", "--prompt_max_len", "--generate_max_len")
+               if (at := last_index(flag)) is not None and rest[at + 1].isdigit()}  # for say_before_merge
     args = SimpleNamespace(
         actor=SimpleNamespace(init="bai", model_name_or_path=rest[actor_at + 1] if actor_at is not None else None),
         critic=SimpleNamespace(model_name_or_path=rest[critic_at + 1] if critic_at is not None else None),
-        bai=bai,
+        bai=bai, data=SimpleNamespace(max_len=int(lengths.get("--data.max_len", 0))),
+        prompt_max_len=int(lengths.get("--prompt_max_len", 0)), generate_max_len=int(lengths.get("--generate_max_len", 0)),
     )
     init_actor(args)
     rest = list(rest)

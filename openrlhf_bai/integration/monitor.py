@@ -34,7 +34,7 @@ from dataclasses import asdict
 
 from openrlhf_bai.diagnostics.detectors import STATE_VERSION, Thresholds, make_thresholds, new_state, observe
 from openrlhf_bai.errors import BAIError
-from openrlhf_bai.integration.hooks import report_error, request_checkpoint, request_stop
+from openrlhf_bai.integration.hooks import report_error, request_checkpoint, request_stop, resumed_states
 
 CONFIG_ENV = "OPENRLHF_BAI_MONITOR"
 STATE_KEY = "bai_monitor"  # in OpenRLHF's client_states
@@ -87,7 +87,7 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
         config = {**DEFAULTS, **given}
         check_config(config)
         trainer.bai_strict_callbacks = config["strict_callbacks"]  # read by hooks.run_callbacks
-        resumed = getattr(trainer, "bai_resumed_states", {}).get(STATE_KEY)
+        resumed = resumed_states(trainer).get(STATE_KEY)
         if resumed and resumed.get("version") != STATE_VERSION:  # saved by 0.1's detectors: start afresh
             resumed = None
         run = trainer._bai_monitor = {

@@ -3,8 +3,9 @@
 openrlhf.actor_init         bai = actor_init: OpenRLHF's own parser gets the --bai.* flags (actor_init.add_arguments),
                             and `--actor_init bai` runs the launcher's steps on OpenRLHF's parsed args, on the driver,
                             before any model is created.
-openrlhf.trainer_callbacks  bai = trainer_callback: the trainer hooks (the stability monitor first), in the process
-                            that runs the PPO trainer, even where Ray was not started with the plugin's setup hook.
+openrlhf.trainer_callbacks  bai = trainer_callback: the plugin's trainer callbacks (the stability monitor first), in
+                            the process that runs the PPO trainer; their save and stop requests are the API's
+                            trainer.should_save and trainer.should_stop (hooks.request_checkpoint, request_stop).
 """
 
 from __future__ import annotations
@@ -41,15 +42,13 @@ actor_init.add_arguments = add_arguments
 
 
 def trainer_callback(trainer, global_step: int, logs_dict: dict, client_states: dict) -> None:
-    """OpenRLHF's trainer-callback hook point. Where Ray was started without the plugin's worker setup hook (a run
-    without --actor_init bai), the first call in the trainer's process installs the trainer hooks and runs their
-    callbacks for this step; from the next step on the hooks' wrapper runs them, checkpoint requests included.
-    Guarded as they are: a failure here is reported, never raised into OpenRLHF's loop."""
-    if getattr(type(trainer).save_logs_and_checkpoints, "_openrlhf_bai", False):
-        return  # installed already (an earlier step, or the worker setup hook): the wrapper ran them for this step
-    try:
-        worker.install_hooks()
-    except Exception as e:
-        hooks.report_error(trainer, "openrlhf_bai.install_hooks", e)
-        return
+    """OpenRLHF's trainer-callback entry point: the plugin's callbacks (the stability monitor first) at every step,
+    guarded by hooks.run_callbacks; the first call in a process registers them. A failure is reported, never raised
+    into OpenRLHF's loop."""
+    if not hooks.BUILTIN:
+        try:
+            worker.install_hooks()
+        except Exception as e:
+            hooks.report_error(trainer, "openrlhf_bai.install_hooks", e)
+            return
     hooks.run_callbacks(trainer, global_step, logs_dict, client_states)

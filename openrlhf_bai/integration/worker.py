@@ -1,10 +1,12 @@
-"""The plugin in the trainer's process: OpenRLHF's trainer hooks (hooks.py) with the stability monitor (monitor.py)
-as their built-in callback. The one module that imports both: monitor imports hooks, hooks imports neither.
+"""The plugin in the trainer's process: the trainer callbacks (hooks.py) with the stability monitor (monitor.py) as
+their built-in callback. The one module that imports both: monitor imports hooks, hooks imports neither.
 
 install_hooks()            hooks.install_hooks(stability_monitor): in this process, idempotent.
-ray_runtime_env(env)       the user's runtime_env plus `worker_process_setup_hook`, so every Ray worker of the job
-                           runs worker_setup(): flash-attn made importable, then install_hooks() once OpenRLHF's
-                           trainer module is imported (a vLLM worker never imports it and never pays for it).
+ray_runtime_env(env)       the user's runtime_env; where OpenRLHF lacks the trainer-callback API, plus
+                           `worker_process_setup_hook`, so every Ray worker of the job runs worker_setup():
+                           flash-attn made importable, then install_hooks() once OpenRLHF's trainer module is
+                           imported (a vLLM worker never imports it and never pays for it). Where OpenRLHF has the
+                           API, its `openrlhf.trainer_callbacks` entry point (upstream.py) needs no setup hook.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ def install_hooks() -> None:
 
 
 def ray_runtime_env(runtime_env: dict | None = None) -> dict:
-    """`runtime_env` (not modified) plus the worker setup hook that installs the trainer hooks in every worker."""
+    """`runtime_env` (not modified), plus the worker setup hook that installs the trainer hooks in every worker
+    where OpenRLHF lacks the trainer-callback API."""
     env = {**(runtime_env or {})}
     if "env_vars" in env:
         env["env_vars"] = dict(env["env_vars"])
+    if hooks.has_callback_api():
+        return env
     existing = env.get("worker_process_setup_hook")
     if existing not in (None, SETUP_HOOK):
         raise BAIError(f"runtime_env already has worker_process_setup_hook {existing!r}; "
