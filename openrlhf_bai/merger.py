@@ -8,7 +8,7 @@ atomic_dir      write_dir(out, write): lock, temporary directory beside out, ren
 
 merge(recipe, out)       plan, refuse an output that is (inside, or contains) an input, reuse a finished identical
                          merge, else write it atomically
-cache_dir_for(recipe)    where the launcher and `probe` keep merges: $OPENRLHF_BAI_CACHE/merges/bai-<recipe hash>
+cache_dir_for(recipe)    where the launcher and `probe` keep merges: $OPENRLHF_BAI_CACHE/merged/bai-<recipe hash>
                          ($OPENRLHF_BAI_CACHE defaults to ~/.cache/openrlhf-bai, the one cache root of the project)
 """
 
@@ -42,7 +42,7 @@ def cache_root() -> Path:
 
 
 def merges_dir() -> Path:
-    return cache_root() / "merges"
+    return cache_root() / "merged"
 
 
 def cache_dir_for(recipe: BAIRecipe, plan: MergePlan | None = None) -> Path:

@@ -124,7 +124,7 @@ def test_train_ppo_actor_init_bai_by_hub_id(hub, tmp_path):
     assert proc.returncode == 0, proc.stderr
     command = proc.stdout.strip().splitlines()[-1].split()
     actor = Path(command[command.index("--actor.model_name_or_path") + 1])
-    assert actor.parent == tmp_path / "bai-cache" / "merges"
+    assert actor.parent == tmp_path / "bai-cache" / "merged"
     assert cli(["merge", "--no-progress", "--base", str(plain["base"]), "--sft", str(plain["sft_instruct"]),
                 str(plain["sft_reasoning"]), "--output", str(tmp_path / "plain")]) == 0
     assert_same_checkpoint(actor, tmp_path / "plain")

@@ -220,7 +220,7 @@ def test_example_scripts_merge_and_hand_openrlhf_only_its_own_flags(script, llam
     command = shell_words(run.stdout.strip().splitlines()[-1])
     assert {arg for arg in command[3:] if arg.startswith("--")} <= openrlhf_flags
     merged = Path(command[command.index("--actor.model_name_or_path") + 1])
-    assert merged.parent == tmp_path / "cache" / "merges"
+    assert merged.parent == tmp_path / "cache" / "merged"
     assert json.loads((merged / PROVENANCE).read_text())["recipe"]["coefficients"] == pytest.approx([0.5, 0.25, 0.25])
 
 

@@ -9,7 +9,7 @@
 # (OpenRLHF's examples/python/math_reward_func.py), the KL to the reference (= the BAI checkpoint) as a loss.
 #
 # Start Ray first (`ray start --head --num-gpus 8`). The merge runs once, on the node that runs this script, into
-# $OPENRLHF_BAI_CACHE/merges (default ~/.cache/openrlhf-bai/merges); on several nodes that directory must be on a shared
+# $OPENRLHF_BAI_CACHE/merged (default ~/.cache/openrlhf-bai/merged); on several nodes that directory must be on a shared
 # filesystem, or add --bai.materialize per_node. A repeat run reuses the merge.
 # Extra arguments go to the launcher, e.g. --bai.merge_only to merge and print the OpenRLHF command.
 

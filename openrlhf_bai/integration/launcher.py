@@ -56,8 +56,8 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
                                  "(default none)")
     add_recipe_flags(parser, spell=bai_flag)  # the recipe's flags, as `merge` and `probe` have them
     parser.add_argument("--bai.output_dir", default=None, metavar="DIR",
-                        help="directory for the merged actor (default: the shared cache, $OPENRLHF_BAI_CACHE/merges, "
-                             "~/.cache/openrlhf-bai/merges when unset, one directory per recipe hash, reused by a "
+                        help="directory for the merged actor (default: the shared cache, $OPENRLHF_BAI_CACHE/merged, "
+                             "~/.cache/openrlhf-bai/merged when unset, one directory per recipe hash, reused by a "
                              "repeat run)")
     parser.add_argument("--bai.overwrite", action="store_true",
                         help="replace a --bai.output_dir that holds something else")
