@@ -131,12 +131,13 @@ def _write_and_swap(real: Path, write, output: Path, size: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(real.parent).free
-            raise BAIError(f"disk full while writing {output}: it needs {_size(size)}, {_size(free)} are free; "
+            raise BAIError(f"disk full while writing {output}: the merge needs {_size(size)}, {_size(free)} are free; "
                            "nothing was left behind") from None
         if isinstance(e, OSError):
             raise BAIError(f"cannot write {output}: {e.strerror or e}; nothing was left behind") from None
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            print(f"openrlhf-bai: writing {output} interrupted; its temporary directory was removed", file=sys.stderr)
+            print(f"openrlhf-bai: merge into {output} interrupted; its temporary directory was removed",
+                  file=sys.stderr)
         raise
     finally:
         if on_term is not None:

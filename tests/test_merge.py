@@ -397,7 +397,7 @@ def test_a_disk_that_fills_mid_write_gives_one_line_and_leaves_nothing(llama_fam
     out = tmp_path / "bai"
     code, _, err = run_cli(capsys, "--base", f["base"], "--sft", f["sft_instruct"], f["sft_reasoning"], "--output", out)
     assert code == 1 and err.count("\n") == 1, err
-    assert f"disk full while writing {out}: it needs " in err and "nothing was left behind" in err
+    assert f"disk full while writing {out}: the merge needs " in err and "nothing was left behind" in err
     assert leftovers(out) == [] and not out.exists()
 
 
