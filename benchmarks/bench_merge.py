@@ -89,7 +89,8 @@ def ensure_checkpoints(case: str) -> tuple[list[str], dict[str, Path]]:
     """(what `merge` is given: directories or hub ids, the directory of each input)."""
     folder, arch = CASES[case]
     root = CACHE / folder
-    if not (root / ".complete").exists():
+    written_before = case in ("dense", "moe") and all(list((root / n).glob("*.safetensors")) for n in NAMES)
+    if not ((root / ".complete").exists() or written_before):
         print(f"writing three {case} bf16 checkpoints under {root} (a few minutes, once)", flush=True)
         shutil.rmtree(root, ignore_errors=True)
         tmp = root.with_name(root.name + ".tmp")
