@@ -22,7 +22,7 @@ Each contender runs as a whole process (wall clock and peak RSS of the child) on
 - openrlhf-bai: `openrlhf-bai merge ... --alpha 0.5` (weights base 0.5, SFTs 0.25 / 0.25), default threads;
 - its plan alone (`--dry-run`), and a repeat of a finished merge (the output is found and reused: a cache hit);
 - mergekit 0.1.5: `mergekit-yaml` on the equivalent linear config (`--export-mergekit`), in its own venv,
-  built on first use (pip, about a minute) unless --skip-mergekit;
+  built on first use (pip, about a minute) unless --skip-mergekit; not on the many case;
 - then openrlhf-bai with --threads 1, 2, 4 ... up to the usable cores: the scaling table.
 
 Last, the time for 7B, 70B and 235B-A22B merges projected from the measured throughput per core and an assumed
@@ -208,7 +208,7 @@ def bench_case(case: str, a, cores: int) -> dict:
         "openrlhf-bai --dry-run (the plan alone)": lambda i: merge_cmd + ["--output", str(work / "out-dry"), "--dry-run"],
         "openrlhf-bai, finished merge found (cache hit)": lambda i: merge_cmd + ["--output", str(work / "hit")],
     }
-    if not a.skip_mergekit:
+    if not a.skip_mergekit and case != "many":  # many measures planning; mergekit's per-tensor cost is another story
         mk = ensure_mergekit()
         contenders["mergekit 0.1.5 mergekit-yaml"] = lambda i: [str(mk), str(yml), str(work / f"out-mk{i}"), "--quiet"]
     for f in inputs:  # warm the page cache, as in the reference figures
