@@ -155,3 +155,15 @@ def test_the_disk_check_counts_every_file_of_the_output(family, tmp_path, capsys
         err = refused(capsys, merge_args(family, tmp_path / "small" / "out"))
         assert f"not enough disk for {tmp_path / 'small' / 'out'}" in err
         assert list((tmp_path / "small").iterdir()) == []
+
+
+def test_launcher_output_dir_is_never_an_input(family, tmp_path, capsys):
+    """The same refusal through `train-ppo --actor_init bai --bai.output_dir`, --bai.overwrite or not."""
+    before = snapshot(tmp_path / "models")
+    code = cli(["train-ppo", "--actor.model_name_or_path", str(family["sft_reasoning"]), "--actor_init", "bai",
+                "--bai.base", str(family["base"]), "--bai.output_dir", str(family["sft_reasoning"]), "--bai.overwrite",
+                "--bai.merge_only"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # warnings may come first
+    assert code == 1 and len(errors) == 1, errors
+    assert f"output {family['sft_reasoning']} is " in errors[0] and "a merge never writes over its inputs" in errors[0]
+    assert snapshot(tmp_path / "models") == before
