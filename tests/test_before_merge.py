@@ -41,9 +41,11 @@ def launch(capsys, family, actor, sft, *extra):
 
 
 def test_config_and_tokenizer_from_another_model_warn_once_each_and_the_merge_goes_on(
-        llama_family, todays_actor, capsys):
+        llama_family, todays_actor, capsys, tmp_path):
     instruct = llama_family["sft_instruct"]
-    out, warnings = launch(capsys, llama_family, todays_actor, [instruct, todays_actor], "--data.max_len", "512")
+    # Its own output directory: the same weights merged by another test would already sit in the shared cache.
+    out, warnings = launch(capsys, llama_family, todays_actor, [instruct, todays_actor], "--data.max_len", "512",
+                           "--bai.output_dir", str(tmp_path / "merged"))
     assert len(warnings) == 2, warnings
     template, eos = warnings
     assert template.startswith("openrlhf-bai: warning: chat template differs")
