@@ -20,7 +20,7 @@ from pathlib import Path
 
 from openrlhf_bai import checkpoint_io as io
 from openrlhf_bai.atomic_dir import (  # noqa: F401  (existing_parent, STALE_FOREIGN_S: for callers)
-    STALE_FOREIGN_S, check_output_dir, existing_parent, remove_stale, write_dir)
+    STALE_FOREIGN_S, check_output_dir, existing_parent, write_dir)
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.merge_plan import (  # noqa: F401  (the names callers import from merger)
     FORMAT_VERSION, PROVENANCE, MergePlan, TensorPlan, plan_merge, provenance)
