@@ -3,30 +3,48 @@
 Pure functions over plain, JSON-serializable state, so that the live monitor (one step at a time, its state
 saved in OpenRLHF's client_states) and the offline `diagnose` (a whole series) run the same code.
 
-Every signal is smoothed (EMA over log points, `smoothing`) and compared with a **reference**: the smoothed
-series' peak (for KL: its median) over the last `reference_steps` steps, counted in steps, not log points, so
-it means the same at any --logger.logging_steps and after a resume. A fall inside the first log points lowers
-later values, never the peak, so it cannot contaminate the reference; a slow drift (a length penalty, entropy
-that declines over hundreds of steps) moves the reference with it and raises nothing. While a condition holds
-the reference is frozen, so a collapse that does not come back stays a collapse.
+Every signal is judged by two robust numbers and its own noise:
+- the **level**: the median of the last 2 x `patience` - 1 log points, so a fall counts only once it covers a
+  majority of them (`patience` points out of 2 x `patience` - 1): a one-point dip or spike moves it not at all;
+- the **reference**: the median of the raw values of the last `reference_steps` steps (counted in steps, so it
+  means the same at any --logger.logging_steps and after a resume), leaving out the last `patience` points, which
+  may already belong to the fall; for entropy the highest level since the first step (entropy that falls to a
+  fifth is collapsed however slowly it got there). While a detector's condition holds its reference is frozen,
+  so a collapse that does not come back stays a collapse;
+- the **noise unit**: the standard deviation of the level minus the reference, from the signal's step-to-step
+  noise (1.4826 x the median absolute difference of consecutive values / sqrt 2, repeated values left out)
+  scaled to a median of n points (1.2533 / sqrt n) for the level and for the reference. A batch of 4 samples and
+  a batch of 1,024 thus mean the same thing: the noisier the signal, the larger the fall it takes.
 
-- Sequence Length Collapse: smoothed length below `collapse_ratio` x reference for `patience` log points.
-- Length drop from the truncation cap: the same fall, but the truncated share of responses fell with it (from at
-  least 0.1 to at most half of that): the model stopped hitting the cap, it did not stop reasoning.
-- Reward Hockey Stick: smoothed reward more than `hockey_drawdown` noise units below the reference for
-  `patience` log points. The noise unit is the reward's own step-to-step noise (a robust estimate from the median
-  absolute difference of consecutive values), so it means the same for any reward scale and batch size.
-  Recovered: smoothed reward back within one noise unit of the reference.
-- Entropy collapse: smoothed policy entropy below `entropy_ratio` x its peak since the first step (not over a
-  window: entropy that falls to a fifth is collapsed however slowly it got there) for `patience` log points.
-- KL blow-up: smoothed KL above `kl_factor` x max(reference, `kl_floor`) for `patience` log points.
+A detector's **strength** is how far past its threshold the level is, in noise units: the smaller of the margins
+past the ratio (or nats) limit and past `noise_units`; a condition holds at a log point when its strength is > 0.
+It is raised at the first such point (once the level holds at least `patience` points). It is **sustained**
+(what --bai.on_collapse save/stop acts on) once it has held at `patience` consecutive log points with a strength
+of at least `action_strength` at each.
+
+The detectors, one row each in DETECTORS:
+- length_collapse: level < `collapse_ratio` x reference, and the fall >= `noise_units` noise units; unless the
+  truncated share explains it (then truncation_drop).
+- truncation_drop: the same fall, explained by the truncation cap: the mean length of the responses that were NOT
+  truncated, estimated from the cap C, the truncated share r and the mean m as (m - r C) / (1 - r), stayed above
+  `collapse_ratio` x its own reference. The cap is the run's (--rollout.max_new_tokens, verl's
+  max_response_length) when known, else the largest value of the log's max-length metric; without one every fall
+  is a collapse.
+- hockey_stick: the reward level falls by at least `reward_drop` x |reference| and by `noise_units` noise units
+  (a reward that falls by half and stays down is raised: it is the drop of a hockey stick that has not recovered
+  yet); recovered when the level is back within one noise unit of the reference it fell from, after
+  recovery_steps steps.
+- entropy_collapse: entropy level < `entropy_ratio` x the highest level since the start, by `noise_units`.
+- kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
+  raised), or above `kl_factor` x its reference and `kl_jump_nats` at once (relative to the run's own trajectory:
+  a smooth rise to a few tenths of a nat is not a blow-up), by `noise_units` noise units over the reference.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterable, Mapping
 
 from openrlhf_bai.errors import BAIError
 
@@ -44,52 +62,75 @@ KL_KEYS = ("kl", "ppo_kl",  # OpenRLHF (to the reference; old -> new policy); TR
 TRUNCATED_KEYS = ("rollout/truncated_rate", "response_clip_ratio",  # OpenRLHF 0.11, 0.9
                   "response_length/clip_ratio",  # verl
                   "completions/clipped_ratio")  # TRL
+MAX_LENGTH_KEYS = ("rollout/response_length_max", "response_length/max",  # verl
+                   "completions/max_length")  # TRL
 SIGNAL_KEYS = {"length": LENGTH_KEYS, "reward": REWARD_KEYS, "entropy": ENTROPY_KEYS, "kl": KL_KEYS,
                "truncated": TRUNCATED_KEYS}
-# What can fire, in the order they are checked; each is an alarm for the monitor's --bai.on_collapse.
-DETECTORS = ("length_collapse", "truncation_drop", "hockey_stick", "entropy_collapse", "kl_blowup")
-STATE_VERSION = 2
-NOISE_DIFFS = 64  # consecutive differences kept for the reward's noise estimate
+STATE_VERSION = 3  # 2: EMA-smoothed windows (0.2); upgraded by upgrade_state
+NOISE_DIFFS = 64  # consecutive differences kept for a signal's noise estimate
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    smoothing: float = 0.5  # EMA weight of the newest log point (1 = no smoothing)
-    patience: int = 3  # consecutive log points a condition must hold before it is raised
-    reference_steps: int = 100  # steps over which the reference (peak of the smoothed series) is taken
-    collapse_ratio: float = 0.6  # smoothed length / reference below this counts as collapsed
-    hockey_drawdown: float = 4.5  # noise units the smoothed reward must fall below its reference
-    entropy_ratio: float = 0.2  # smoothed entropy / its peak since the start below this counts as collapsed
-    kl_factor: float = 5.0  # smoothed KL / max(reference, kl_floor) above this is a blow-up
-    kl_floor: float = 0.01  # nats: the reference of a KL that starts at 0
+    patience: int = 3  # a fall must cover `patience` of the last 2 x patience - 1 log points
+    reference_steps: int = 100  # steps over which the reference (median of the raw values) is taken
+    noise_units: float = 3.0  # every fall must also be this many noise units of the level
+    collapse_ratio: float = 0.6  # length level / reference below this is a length collapse
+    reward_drop: float = 0.5  # the reward level falling by this share of |reference| is a drop
+    entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
+    kl_factor: float = 10.0  # KL level / reference above this (and above kl_jump_nats) is a blow-up
+    kl_jump_nats: float = 0.5  # nats: the smallest KL level a relative jump counts from
+    kl_limit_nats: float = 1.0  # nats: a KL level above this is a blow-up whatever the run did before
+    action_strength: float = 1.0  # noise units past the threshold at each of `patience` points: save/stop acts
 
 
 # name: (what it must be, check); shared by the monitor's --bai.* flags and diagnose's options.
 LIMITS = {
-    "smoothing": ("in (0, 1]", lambda v: 0 < v <= 1),
     "patience": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
     "reference_steps": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
+    "noise_units": (">= 0", lambda v: v >= 0),
     "collapse_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
-    "hockey_drawdown": ("> 0", lambda v: v > 0),
+    "reward_drop": ("in (0, 1]", lambda v: 0 < v <= 1),
     "entropy_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
     "kl_factor": ("> 1", lambda v: v > 1),
-    "kl_floor": ("> 0", lambda v: v > 0),
+    "kl_jump_nats": ("> 0", lambda v: v > 0),
+    "kl_limit_nats": ("> 0", lambda v: v > 0),
+    "action_strength": (">= 0", lambda v: v >= 0),
 }
 HELP = {
-    "smoothing": "EMA weight of the newest log point, 1 = no smoothing",
-    "patience": "consecutive log points a condition must hold before it is raised",
-    "reference_steps": "steps over which each signal's reference (its smoothed peak) is taken",
-    "collapse_ratio": "smoothed response length / reference below this is a length collapse",
-    "hockey_drawdown": "noise units the smoothed reward must fall below its reference: a hockey stick",
-    "entropy_ratio": "smoothed entropy / its peak since the start below this is an entropy collapse",
-    "kl_factor": "smoothed KL / max(reference, kl_floor) above this is a KL blow-up",
-    "kl_floor": "smallest KL reference in nats (KL starts at 0)",
+    "patience": "a fall must cover this many of the last 2 x patience - 1 log points (the level is their median)",
+    "reference_steps": "steps over which each signal's reference (the median of its values) is taken",
+    "noise_units": "noise units of the level every fall must also exceed",
+    "collapse_ratio": "response length level / reference below this is a length collapse",
+    "reward_drop": "the reward level falling by this share of |reference| is a reward drop (a hockey stick's)",
+    "entropy_ratio": "entropy level / its highest level since the start below this is an entropy collapse",
+    "kl_factor": "KL level / reference above this (and above kl_jump_nats) is a KL blow-up",
+    "kl_jump_nats": "nats: the smallest KL level that a jump of kl_factor x its reference counts from",
+    "kl_limit_nats": "nats: a KL level above this is a KL blow-up whatever the run did before",
+    "action_strength": "noise units past the threshold a detection keeps for patience log points before "
+                       "--bai.on_collapse save/stop acts",
 }
+# Thresholds of 0.2 that no longer exist, and what replaces each: refused by name, never silently ignored.
+RENAMED = {
+    "smoothing": "patience (the level is the median of the last 2 x patience - 1 log points; no EMA)",
+    "hockey_drawdown": "noise_units (and reward_drop, the share of the reward the drop must be)",
+    "kl_floor": "kl_jump_nats and kl_limit_nats (KL levels in nats)",
+}
+
+
+def renamed_message(name: str, flag=lambda key: f"--bai.{key}") -> str | None:
+    """The one-line refusal of a renamed or removed threshold `name`, or None when it is no such name."""
+    if name not in RENAMED:
+        return None
+    return f"{flag(name)} was removed in 0.3; use {flag(RENAMED[name])}"
 
 
 def make_thresholds(values: Mapping[str, Any], flag=lambda key: f"--bai.{key}") -> Thresholds:
     """Thresholds from a mapping (missing keys: defaults); BAIError naming the flag (`flag(key)`) for a value out
-    of range."""
+    of range or a renamed threshold."""
+    for key in values:
+        if key in RENAMED and values[key] is not None:
+            raise BAIError(renamed_message(key, flag))
     defaults = asdict(Thresholds())
     chosen = {key: values.get(key, default) for key, default in defaults.items()}
     for key, value in chosen.items():
@@ -114,60 +155,232 @@ def first_value(metrics: Mapping[str, Any], keys: Iterable[str]) -> float | None
     return None
 
 
-def new_state() -> dict:
-    """Detector state: plain numbers and lists only, so it fits in client_states and JSON."""
-    def track() -> dict:
-        # ema: smoothed value; window: [step, smoothed] within reference_steps; frozen: the reference while a
-        # condition holds; run: log points it has held; last: the last raw value; diffs: |raw differences| (repeats
-        # left out); count: values seen.
-        return {"ema": None, "window": [], "frozen": None, "run": 0, "last": None, "diffs": [], "count": 0}
-
-    return {
-        "version": STATE_VERSION,
-        "steps": 0,
-        "signals": {name: track() for name in SIGNAL_KEYS},
-        "length_collapse": {"step": None, "min_ratio": None, "baseline": None},
-        "truncation_drop": {"step": None, "before": None, "after": None},
-        "hockey_stick": {"step": None, "depth": 0.0, "recovery_steps": None, "baseline": None},
-        "entropy_collapse": {"step": None, "min_ratio": None, "baseline": None},
-        "kl_blowup": {"step": None, "max_ratio": None, "baseline": None},
-        # What fired, in order: {"detector", "step", "message", "values", "alarm"}; the monitor acts on new entries.
-        "events": [],
-    }
-
-
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
-def _smooth(track: dict, step: int, value: float, th: Thresholds, statistic, whole_run: bool = False):
-    """Feed one raw value; (smoothed value, reference). The reference is frozen while track["frozen"] is set;
-    `whole_run`: the peak since the first step (only that point is kept) instead of the last reference_steps."""
-    if track["last"] is not None and value != track["last"]:  # a repeated value (a reward stuck at 0) tells no noise
-        track["diffs"] = (track["diffs"] + [abs(value - track["last"])])[-NOISE_DIFFS:]
-    track["last"] = value
-    track["count"] += 1
-    track["ema"] = value if track["ema"] is None else track["ema"] + th.smoothing * (value - track["ema"])
-    if track["frozen"] is not None:
-        return track["ema"], track["frozen"]
-    # The window is counted in steps; it keeps at least patience + 2 log points so that sparse logging
-    # (--logger.logging_steps close to reference_steps) still has a reference from before the fall.
-    window = track["window"] + [[step, track["ema"]]]
-    if whole_run:
-        track["window"] = [max(window, key=lambda point: point[1])]
-        return track["ema"], track["window"][0][1]
-    keep = [point for point in window if point[0] > step - th.reference_steps]
-    track["window"] = window[-(th.patience + 2):] if len(keep) < th.patience + 2 else keep
-    return track["ema"], statistic(value for _, value in track["window"])
+# ------------------------------------------------------------------------------------------------- signals
 
 
-def _hold(track: dict, condition: bool, reference: float) -> int:
-    """Count the log points a condition has held; freeze the reference while it does."""
-    track["run"] = track["run"] + 1 if condition else 0
-    track["frozen"] = reference if condition else None
-    return track["run"]
+@dataclass
+class Level:
+    """One signal at one log point: its level, its reference (None: nothing before yet) and their noise units."""
+    value: float  # median of the last 2 x patience - 1 points
+    points: int  # how many points that median is over
+    reference: float | None
+    noise: float  # standard deviation of level - reference
+    level_noise: float  # standard deviation of the level alone
+
+
+def _new_track() -> dict:
+    # points: [step, raw value] within reference_steps (and the level's points); diffs: |raw differences| (repeats
+    # left out); repeats: repeated values; peak: highest level so far; frozen: {detector: reference} while held.
+    return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}}
+
+
+def _feed(track: dict, step: int, value: float, th: Thresholds) -> None:
+    points = track["points"]
+    if points:
+        last = points[-1][1]
+        if value != last:  # a repeated value (a reward stuck at 0) tells no noise
+            track["diffs"] = (track["diffs"] + [abs(value - last)])[-NOISE_DIFFS:]
+        else:
+            track["repeats"] += 1
+    points.append([step, value])
+    # Keep the reference window (in steps), but never fewer than 2 x patience points, so that sparse logging
+    # (--logger.logging_steps close to reference_steps) still has a reference from before the last patience points.
+    while len(points) > 2 * th.patience and points[0][0] <= step - th.reference_steps:
+        points.pop(0)
+
+
+def _noise(track: dict, th: Thresholds, scale: float) -> float:
+    """Step-to-step standard deviation of the raw values; inf while too few moves to say (unless flat)."""
+    diffs = track["diffs"]
+    if len(diffs) >= 3:
+        # A median of few differences is itself noisy: widen it while there are few (x2 at 4, x1.25 at 16).
+        sigma = 1.4826 * _median(diffs) / math.sqrt(2) * (1 + 4 / len(diffs))
+    elif len(diffs) <= 1 and track["repeats"] >= th.patience - 1:  # flat (patience equal values), one move at most
+        sigma = 0.0
+    else:  # too few moves to say yet
+        sigma = math.inf
+    return max(sigma, 1e-3 * scale, 1e-12)
+
+
+def _level(track: dict, th: Thresholds, peak: bool) -> Level:
+    points = track["points"]
+    recent = [v for _, v in points[-(2 * th.patience - 1):]]
+    value = _median(recent)
+    if peak:
+        track["peak"] = value if track["peak"] is None or len(recent) < th.patience else max(track["peak"], value)
+        before = [track["peak"]] if len(points) > th.patience else []
+        before_n = len(recent)
+    else:
+        before = [v for _, v in points[:-th.patience]]
+        before_n = len(before)
+    reference = _median(before) if before else None
+    sigma = _noise(track, th, abs(value) + abs(reference or 0.0))
+    level_noise = 1.2533 * sigma / math.sqrt(len(recent))
+    noise = math.hypot(level_noise, 1.2533 * sigma / math.sqrt(before_n)) if before else level_noise
+    return Level(value, len(recent), reference, noise, level_noise)
+
+
+# ----------------------------------------------------------------------------------------------- detectors
+# judge(level, th, state, levels) -> (strength, measure, candidate): strength > 0 while the condition holds; measure
+# is the per-step metric (ratio, drawdown); candidate: past the ratio (size) part alone, which freezes the reference
+# (a fall that has not yet cleared the noise must not pull its own reference down while it does). Each judge sees the reference it is measured against (frozen while it holds);
+# `levels` holds this step's levels by signal (and what the length judges found about truncation).
+
+
+def _fall(ratio_limit: float, lv: Level, th: Thresholds) -> tuple[float, float]:
+    """A positive signal falling below ratio_limit x its reference, by noise_units."""
+    if lv.reference is None or lv.reference <= 0:
+        return -math.inf, math.nan, False
+    ratio = lv.value / lv.reference
+    fall_units = (lv.reference - lv.value) / lv.noise
+    return min((ratio_limit * lv.reference - lv.value) / lv.noise, fall_units - th.noise_units), ratio, \
+        ratio < ratio_limit
+
+
+def _untruncated_ratio(state: dict, lv: Level, th: Thresholds, levels: dict) -> float | None:
+    """How far the mean length of the responses that were NOT truncated fell (now / reference), or None when it
+    cannot be told (no cap known, or no truncated share logged at this step)."""
+    cap = state["cap"] or state["max_length"]
+    tl = levels.get("truncated")
+    if not cap or tl is None or lv.reference is None:
+        return None
+    before = tl.reference if tl.reference is not None else tl.value
+    now, before = min(max(tl.value, 0.0), 0.99), min(max(before, 0.0), 0.99)
+    untruncated_before = (lv.reference - before * cap) / (1 - before)
+    untruncated_now = (lv.value - now * cap) / (1 - now)
+    if untruncated_before <= 0:  # a cap below the mean: the cap we were given is not this run's
+        return None
+    levels["truncation"] = {"truncated_before": before, "truncated_after": now, "length_cap": cap,
+                            "untruncated_ratio": untruncated_now / untruncated_before}
+    return untruncated_now / untruncated_before
+
+
+def _length_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
+    strength, ratio, candidate = _fall(th.collapse_ratio, lv, th)
+    if candidate:
+        kept = _untruncated_ratio(state, lv, th, levels)
+        if kept is not None and kept >= th.collapse_ratio:  # the cap let go; the other responses did not shrink
+            return -math.inf, ratio, False
+    return strength, ratio, candidate
+
+
+def _truncation_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
+    strength, ratio, candidate = _fall(th.collapse_ratio, lv, th)
+    if candidate:
+        kept = _untruncated_ratio(state, lv, th, levels)
+        if kept is None or kept < th.collapse_ratio:
+            return -math.inf, ratio, False
+    return strength, ratio, candidate
+
+
+def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
+    if lv.reference is None:
+        return -math.inf, math.nan, False
+    fall, size = lv.reference - lv.value, th.reward_drop * abs(lv.reference)
+    return min((fall - size) / lv.noise, fall / lv.noise - th.noise_units), fall / lv.noise, fall > size
+
+
+def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
+    return _fall(th.entropy_ratio, lv, th)
+
+
+def _kl_blowup(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
+    absolute = (lv.value - th.kl_limit_nats) / lv.level_noise
+    relative, jumped = -math.inf, False
+    if lv.reference is not None:
+        relative = min((lv.value - th.kl_factor * lv.reference) / lv.noise, (lv.value - th.kl_jump_nats) / lv.noise,
+                       (lv.value - lv.reference) / lv.noise - th.noise_units)
+        jumped = lv.value > max(th.kl_factor * lv.reference, th.kl_jump_nats)
+    ratio = lv.value / max(lv.reference if lv.reference is not None else 0.0, 0.01)
+    return max(absolute, relative), ratio, jumped or lv.value > th.kl_limit_nats
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    signal: str
+    judge: Callable[[Level, Thresholds, dict, dict], tuple[float, float, bool]]
+    measure: str  # the per-step bai/* metric of `measure`
+    peak: bool = False  # reference: the highest level since the start instead of the windowed median
+    describe: Callable[[Level, float, Thresholds], str] = None  # the message when raised
+
+
+def _pct(lv: Level) -> str:
+    return f"{lv.value / lv.reference:.0%}" if lv.reference else "-"
+
+
+DETECTORS_TABLE = (
+    Detector("length_collapse", "length", _length_collapse, "bai/response_length_ratio",
+             describe=lambda lv, s, th: f"sequence length collapse: response length level {lv.value:.0f} at "
+             f"{_pct(lv)} of its reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})"),
+    Detector("truncation_drop", "length", _truncation_drop, "bai/response_length_ratio",
+             describe=lambda lv, s, th: f"length drop from the truncation cap: response length level "
+             f"{lv.value:.0f} at {_pct(lv)} of its reference {lv.reference:.0f} tokens, but the responses that were "
+             "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning"),
+    Detector("hockey_stick", "reward", _reward_drop, "bai/reward_drawdown",
+             describe=lambda lv, s, th: f"reward hockey stick: reward level {lv.value:.4g} fell from its reference "
+             f"{lv.reference:.4g} by {(lv.reference - lv.value) / lv.noise:.1f} noise units "
+             f"(--bai.reward_drop {th.reward_drop:g}, --bai.noise_units {th.noise_units:g})"),
+    Detector("entropy_collapse", "entropy", _entropy_collapse, "bai/entropy_ratio", peak=True,
+             describe=lambda lv, s, th: f"entropy collapse: policy entropy level {lv.value:.3g} at {_pct(lv)} of "
+             f"its highest level {lv.reference:.3g} (--bai.entropy_ratio {th.entropy_ratio:g})"),
+    Detector("kl_blowup", "kl", _kl_blowup, "bai/kl_ratio",
+             describe=lambda lv, s, th: f"KL blow-up: KL level {lv.value:.3g} nats against its reference "
+             f"{'-' if lv.reference is None else format(lv.reference, '.3g')} (--bai.kl_limit_nats "
+             f"{th.kl_limit_nats:g}, --bai.kl_factor {th.kl_factor:g})"),
+)
+DETECTORS = tuple(d.name for d in DETECTORS_TABLE)  # what can fire, in the order checked; each is an alarm
+
+
+def new_state(cap: float | None = None) -> dict:
+    """Detector state: plain numbers and lists only, so it fits in client_states and JSON. `cap`: the run's
+    response-length limit in tokens, when known."""
+    return {
+        "version": STATE_VERSION,
+        "steps": 0,
+        "cap": cap,  # the run's length limit; else max_length, the largest max-length metric logged
+        "max_length": None,
+        "signals": {name: _new_track() for name in SIGNAL_KEYS},
+        # step: raised at; run: consecutive log points held; weakest: lowest strength over that run; sustained:
+        # the step it became strong and sustained (on_collapse acts); strength / max_strength: at the raise and
+        # the highest; extreme: lowest ratio (highest for KL, deepest drawdown for the reward) while judged;
+        # reference: what it was measured against at the raise (else at the extreme); recovery_steps: reward only.
+        "detectors": {d.name: {"step": None, "run": 0, "weakest": None, "sustained": None, "strength": None,
+                               "max_strength": None, "extreme": None, "reference": None, "recovery_steps": None,
+                               "depth": 0.0}
+                      for d in DETECTORS_TABLE},
+        # What fired, in order: {"detector", "step", "message", "values", "alarm"}; the monitor acts on new entries.
+        "events": [],
+    }
+
+
+def upgrade_state(old: dict, th: Thresholds = Thresholds()) -> dict | None:
+    """A state saved by an older version, carried over where it can be: 0.2's (version 2) smoothed windows become
+    the points the references are taken from, and what it had raised stays raised (not raised again). None for
+    anything else (start afresh)."""
+    if not isinstance(old, dict):
+        return None
+    if old.get("version") == STATE_VERSION:
+        return old
+    if old.get("version") != 2:
+        return None
+    state = new_state()
+    state["steps"] = old.get("steps", 0)
+    for name, track in (old.get("signals") or {}).items():
+        if name in state["signals"]:
+            state["signals"][name]["points"] = [[int(s), float(v)] for s, v in track.get("window", [])]
+            state["signals"][name]["diffs"] = list(track.get("diffs", []))
+    for name in DETECTORS:
+        step = (old.get(name) or {}).get("step")
+        if step is not None:
+            state["detectors"][name].update(step=step, sustained=step)
+    return state
 
 
 def _event(state: dict, detector: str, step: int, message: str, values: dict, alarm: bool = True) -> None:
@@ -177,152 +390,131 @@ def _event(state: dict, detector: str, step: int, message: str, values: dict, al
 def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds = Thresholds()) -> dict:
     """Update `state` with one logged step; return that step's bai/* diagnostics (those it could compute)."""
     state["steps"] += 1
-    signals = state["signals"]
-    values = {name: first_value(metrics, keys) for name, keys in SIGNAL_KEYS.items()}
+    biggest = first_value(metrics, MAX_LENGTH_KEYS)
+    if biggest is not None and biggest > (state["max_length"] or 0):
+        state["max_length"] = biggest
+    levels = {}  # this step's Level of each signal logged at it (one median per signal and step)
+    for name, keys in SIGNAL_KEYS.items():
+        value = first_value(metrics, keys)
+        if value is not None:
+            _feed(state["signals"][name], step, value, th)
+            levels[name] = _level(state["signals"][name], th, peak=name == "entropy")
     out: dict[str, float] = {}
-
-    truncated = None
-    if values["truncated"] is not None:
-        truncated = _smooth(signals["truncated"], step, values["truncated"], th, max)
-
-    if values["length"] is not None:
-        track, found = signals["length"], state["length_collapse"]
-        smoothed, reference = _smooth(track, step, values["length"], th, max)
-        if reference > 0:
-            ratio = smoothed / reference
-            if found["min_ratio"] is None or ratio < found["min_ratio"]:
-                found["min_ratio"], found["baseline"] = ratio, reference
-            run = _hold(track, ratio < th.collapse_ratio, reference)
-            if run >= th.patience and found["step"] is None and state["truncation_drop"]["step"] is None:
-                _length_fell(state, step, ratio, reference, truncated, th)
-            out["bai/response_length_ratio"] = ratio
-            out["bai/length_collapse"] = float(run >= th.patience and found["step"] is not None)
-            out["bai/truncation_drop"] = float(run >= th.patience and state["truncation_drop"]["step"] is not None)
-    if state["length_collapse"]["step"] is not None:
-        out["bai/length_collapse_step"] = float(state["length_collapse"]["step"])
-
-    if values["reward"] is not None:
-        track, found = signals["reward"], state["hockey_stick"]
-        smoothed, reference = _smooth(track, step, values["reward"], th, max)
-        # Step-to-step noise of the raw reward (MAD of differences / sqrt 2, as a standard deviation); a floor
-        # keeps a flat reward finite.
-        # A median of few differences is itself noisy: widen it while there are few (x2 at 4, x1.25 at 16); with
-        # fewer than 3 the reward has not moved: judged only once it has repeated itself 2 x patience times (flat).
-        diffs = track["diffs"]
-        if len(diffs) >= 3:
-            noise = 1.4826 * _median(diffs) / math.sqrt(2) * (1 + 4 / len(diffs))
-        else:  # too few moves to say yet, unless the reward has stayed flat a while
-            repeats = track["count"] - 1 - len(diffs)
-            noise = 0.0 if repeats >= 2 * th.patience else math.inf
-        noise = max(noise, 1e-3 * (abs(reference) + 1.0))
-        drawdown = (reference - smoothed) / noise
-        run = _hold(track, drawdown > th.hockey_drawdown, reference)
-        if run >= th.patience and found["step"] is None:
-            found["step"], found["baseline"] = step, reference
-            _event(state, "hockey_stick", step,
-                   f"reward hockey stick: smoothed reward {smoothed:.4g} is {drawdown:.1f} noise units below its "
-                   f"reference {reference:.4g} for {th.patience} log points (--bai.hockey_drawdown "
-                   f"{th.hockey_drawdown:g})",
-                   {"reward": smoothed, "reference": reference, "drawdown": drawdown})
-        if found["step"] is not None:
-            found["depth"] = max(found["depth"], (found["baseline"] - smoothed) / noise)
-            if found["recovery_steps"] is None and smoothed >= found["baseline"] - noise:
-                found["recovery_steps"] = step - found["step"]
-                _event(state, "reward_recovered", step,
-                       f"reward back at its reference {found['recovery_steps']} steps after the drop",
-                       {"recovery_steps": found["recovery_steps"]}, alarm=False)
-        out["bai/reward_drawdown"] = drawdown
-        out["bai/hockey_stick"] = float(run >= th.patience and found["step"] is not None)
-    if state["hockey_stick"]["recovery_steps"] is not None:
-        out["bai/reward_recovery_steps"] = float(state["hockey_stick"]["recovery_steps"])
-
-    if values["entropy"] is not None:
-        track, found = signals["entropy"], state["entropy_collapse"]
-        # Entropy is measured against its peak since the start: falling to a fifth is a collapse at any speed, and
-        # the corpus' healthy runs lose at most three quarters of it.
-        smoothed, reference = _smooth(track, step, values["entropy"], th, max, whole_run=True)
-        if reference > 0:
-            ratio = smoothed / reference
-            if found["min_ratio"] is None or ratio < found["min_ratio"]:
-                found["min_ratio"], found["baseline"] = ratio, reference
-            run = _hold(track, ratio < th.entropy_ratio, reference)
-            if run >= th.patience and found["step"] is None:
-                found["step"], found["baseline"] = step, reference
-                _event(state, "entropy_collapse", step,
-                       f"entropy collapse: smoothed policy entropy {smoothed:.3g} at {ratio:.0%} of its reference "
-                       f"{reference:.3g} for {th.patience} log points (--bai.entropy_ratio {th.entropy_ratio:g})",
-                       {"entropy": smoothed, "reference": reference, "ratio": ratio})
-            out["bai/entropy_ratio"] = ratio
-            out["bai/entropy_collapse"] = float(run >= th.patience)
-
-    if values["kl"] is not None:
-        track, found = signals["kl"], state["kl_blowup"]
-        smoothed, reference = _smooth(track, step, values["kl"], th, _median)
-        ratio = smoothed / max(reference, th.kl_floor)
-        if found["max_ratio"] is None or ratio > found["max_ratio"]:
-            found["max_ratio"] = ratio
-        run = _hold(track, ratio > th.kl_factor, reference)
-        if run >= th.patience and found["step"] is None:
-            found["step"], found["baseline"] = step, reference
-            _event(state, "kl_blowup", step,
-                   f"KL blow-up: smoothed KL {smoothed:.3g} is {ratio:.1f}x its reference "
-                   f"{max(reference, th.kl_floor):.3g} for {th.patience} log points (--bai.kl_factor {th.kl_factor:g})",
-                   {"kl": smoothed, "reference": reference, "ratio": ratio})
-        out["bai/kl_ratio"] = ratio
-        out["bai/kl_blowup"] = float(run >= th.patience)
+    for detector in DETECTORS_TABLE:
+        if detector.signal not in levels:
+            continue
+        track, found = state["signals"][detector.signal], state["detectors"][detector.name]
+        frozen = track["frozen"].get(detector.name)
+        lv = levels[detector.signal] if frozen is None else replace(levels[detector.signal], reference=frozen)
+        strength, measure, candidate = detector.judge(lv, th, state, levels)
+        held = strength > 0 and lv.points >= th.patience
+        _track_extreme(detector, found, lv, measure)
+        if candidate or held:
+            track["frozen"].setdefault(detector.name, lv.reference)
+        else:
+            track["frozen"].pop(detector.name, None)
+        if held:
+            found["run"] += 1
+            found["weakest"] = strength if found["run"] == 1 else min(found["weakest"], strength)
+        else:
+            found["run"], found["weakest"] = 0, None
+        if held and found["step"] is None:
+            found.update(step=step, strength=strength, reference=lv.reference)
+            values = {"level": lv.value, "reference": lv.reference, "strength": strength, _measure_name(detector): measure}
+            if detector.signal == "length" and "truncation" in levels:
+                found.update(levels["truncation"])
+                values.update(levels["truncation"])
+            _event(state, detector.name, step, f"{detector.describe(lv, strength, th)}; {strength:.1f} noise units "
+                   "past the threshold", values)
+        if held:
+            found["max_strength"] = max(found["max_strength"] or strength, strength)
+        if (found["step"] is not None and found["sustained"] is None and found["run"] >= th.patience
+                and found["weakest"] >= th.action_strength):
+            found["sustained"] = step
+            _event(state, detector.name, step, f"{detector.name.replace('_', ' ')} sustained: held {found['run']} "
+                   f"log points, each at least {th.action_strength:g} noise units past the threshold",
+                   {"strength": found["weakest"], "raised_step": found["step"]}, alarm=False)
+        if detector.name == "hockey_stick":
+            _recovery(state, found, lv, step)
+        if math.isfinite(measure):
+            out[detector.measure] = measure
+        out[f"bai/{detector.name}"] = float(held and found["step"] is not None)
+        out[f"bai/{detector.name}_strength"] = max(strength, -99.0) if math.isfinite(strength) else -99.0
+    found = state["detectors"]
+    if found["length_collapse"]["step"] is not None:
+        out["bai/length_collapse_step"] = float(found["length_collapse"]["step"])
+    if found["hockey_stick"]["recovery_steps"] is not None:
+        out["bai/reward_recovery_steps"] = float(found["hockey_stick"]["recovery_steps"])
     return out
 
 
-def _length_fell(state: dict, step: int, ratio: float, reference: float, truncated, th: Thresholds) -> None:
-    """The length held below collapse_ratio for patience log points: a collapse, or the truncation cap let go."""
-    if truncated is not None:
-        # The truncated share before the fall: the peak of its own window, which still holds the steps before it.
-        now, before = truncated
-        if before >= 0.1 and now <= 0.5 * before:
-            state["truncation_drop"].update(step=step, before=before, after=now)
-            _event(state, "truncation_drop", step,
-                   f"length drop from the truncation cap: smoothed response length at {ratio:.0%} of its reference "
-                   f"({reference:.0f} tokens) while the truncated share fell from {before:.0%} to {now:.0%}: the "
-                   "model stopped hitting the length limit, it did not stop reasoning",
-                   {"response_length_ratio": ratio, "reference": reference, "truncated_before": before,
-                    "truncated_after": now})
-            return
-    state["length_collapse"].update(step=step, baseline=reference)
-    _event(state, "length_collapse", step,
-           f"sequence length collapse: smoothed response length at {ratio:.0%} of its reference ({reference:.0f} "
-           f"tokens) for {th.patience} log points (--bai.collapse_ratio {th.collapse_ratio:g})",
-           {"response_length_ratio": ratio, "reference": reference})
+def _measure_name(detector: Detector) -> str:
+    return detector.measure.removeprefix("bai/")
+
+
+def _track_extreme(detector: Detector, found: dict, lv: Level, measure: float) -> None:
+    """The lowest ratio (KL: highest; reward: deepest drawdown) seen, and the reference it was measured against."""
+    if not math.isfinite(measure):
+        return
+    worse = max if detector.name in ("kl_blowup", "hockey_stick") else min
+    if found["extreme"] is None or worse(measure, found["extreme"]) == measure:
+        found["extreme"] = measure
+        if found["step"] is None:
+            found["reference"] = lv.reference
+    if detector.name == "hockey_stick" and found["step"] is not None:
+        found["depth"] = max(found["depth"], measure)
+
+
+def _recovery(state: dict, found: dict, lv: Level, step: int) -> None:
+    """After a reward drop: back within one noise unit of the reference it fell from, after recovery_steps."""
+    if found["step"] is None or found["recovery_steps"] is not None or found["run"] > 0:
+        return
+    if lv.value >= found["reference"] - lv.noise:
+        found["recovery_steps"] = step - found["step"]
+        _event(state, "reward_recovered", step,
+               f"reward back at its reference {found['recovery_steps']} steps after the drop: a hockey stick",
+               {"recovery_steps": found["recovery_steps"]}, alarm=False)
 
 
 def verdict(state: dict) -> dict:
     """The run's summary, in the shape `diagnose --json` writes (fields are only ever added, never renamed)."""
-    length, hockey = state["length_collapse"], state["hockey_stick"]
-    entropy, kl, truncation = state["entropy_collapse"], state["kl_blowup"], state["truncation_drop"]
+    d = state["detectors"]
+    length, hockey, entropy, kl, truncation = (d[name] for name in (
+        "length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup", "truncation_drop"))
+
+    def common(found):  # added in 0.3: how strong, and when --bai.on_collapse save/stop would have acted
+        return {"strength": found["strength"], "max_strength": found["max_strength"],
+                "sustained_step": found["sustained"], "reference": found["reference"]}
+
+    lowest_length = min((x for x in (length["extreme"], truncation["extreme"]) if x is not None), default=None)
     return {
         "length_collapse": {"detected": length["step"] is not None, "step": length["step"],
-                            "min_ratio": length["min_ratio"]},
+                            "min_ratio": lowest_length, "untruncated_ratio": length.get("untruncated_ratio"),
+                            **common(length)},
         "hockey_stick": {"detected": hockey["step"] is not None, "drop_step": hockey["step"],
-                         "depth": hockey["depth"], "recovery_steps": hockey["recovery_steps"]},
+                         "depth": hockey["depth"], "recovery_steps": hockey["recovery_steps"],
+                         "recovered": hockey["recovery_steps"] is not None, **common(hockey)},
         "entropy_collapse": {"detected": entropy["step"] is not None, "step": entropy["step"],
-                             "min_ratio": entropy["min_ratio"]},
-        "kl_blowup": {"detected": kl["step"] is not None, "step": kl["step"], "max_ratio": kl["max_ratio"]},
+                             "min_ratio": entropy["extreme"], **common(entropy)},
+        "kl_blowup": {"detected": kl["step"] is not None, "step": kl["step"], "max_ratio": kl["extreme"],
+                      **common(kl)},
         "truncation_drop": {"detected": truncation["step"] is not None, "step": truncation["step"],
-                            "truncated_rate_before": truncation["before"], "truncated_rate_after": truncation["after"]},
+                            "truncated_rate_before": truncation.get("truncated_before"),
+                            "truncated_rate_after": truncation.get("truncated_after"),
+                            "untruncated_ratio": truncation.get("untruncated_ratio"),
+                            "length_cap": state["cap"] or state["max_length"], **common(truncation)},
         "steps": state["steps"],
         # The references the verdicts are measured against: at the detection, else at the lowest point.
-        "baseline_length": length["baseline"],
-        "baseline_reward": hockey["baseline"] if hockey["baseline"] is not None else _peak(state, "reward"),
-        "baseline_entropy": entropy["baseline"],
+        "baseline_length": length["reference"] if length["step"] is not None else
+        (truncation["reference"] if truncation["step"] is not None else length["reference"]),
+        "baseline_reward": hockey["reference"],
+        "baseline_entropy": entropy["reference"],
     }
 
 
-def _peak(state: dict, name: str) -> float | None:
-    window = state["signals"][name]["window"]
-    return max(value for _, value in window) if window else None
-
-
-def analyze(rows: Iterable[tuple[int, Mapping[str, Any]]], th: Thresholds = Thresholds()) -> tuple[dict, list[dict]]:
+def analyze(rows: Iterable[tuple[int, Mapping[str, Any]]], th: Thresholds = Thresholds(),
+            cap: float | None = None) -> tuple[dict, list[dict]]:
     """Run the detectors over a whole series of (step, metrics); return the verdict and each step's output."""
-    state = new_state()
+    state = new_state(cap)
     per_step = [dict(observe(state, step, metrics, th), step=step) for step, metrics in rows]
     return verdict(state), per_step
