@@ -8,8 +8,8 @@ synthetic shapes (--seeds times over). Contenders, on the same curves:
 - openrlhf-bai (LOSO): for each source, the thresholds of GRID that do best (fewest misses + false alarms + late,
   ties to the defaults) on the real runs of every OTHER source, then scored on that source;
 - rolling median: the ten-line rule of issue 15, a median of the last 20 steps against the median of the first
-  20 steps for 3 log points in a row: length below 0.6; reward fallen by half of |first| (a reward drop; a hockey
-  stick once it is back within 10 % of |first|); entropy below 0.2; KL above max(10 x first, 0.5 nats) or 1 nat;
+  20 steps for 3 log points in a row: length below 0.6; reward fallen by half of |first| (a hockey stick's drop);
+  entropy below 0.2; KL above max(10 x first, 0.5 nats) or 1 nat;
 - plain threshold: the same limits on the raw values against the first logged value, no window, no patience;
 - PELT (ruptures 1.1.10, offline: it sees the whole curve): the first change point after which the segment mean
   is past the same limits against the segment before it;
@@ -43,9 +43,9 @@ from openrlhf_bai.diagnostics.detectors import SIGNAL_KEYS, Thresholds, analyze,
 REPO = Path(__file__).resolve().parents[1]
 DEPS = Path(os.environ.get("OPENRLHF_BAI_ENV_CACHE", Path.home() / ".cache" / "openrlhf-bai")) / "bench-detectors-deps"
 PINS = ("ruptures==1.1.10", "rlwatch==0.5.1", "scipy==1.16.3")
-SIGNAL_OF = {"length_collapse": "length", "truncation_drop": "length", "hockey_stick": "reward", "reward_drop": "reward",
+SIGNAL_OF = {"length_collapse": "length", "truncation_drop": "length", "hockey_stick": "reward",
              "entropy_collapse": "entropy", "kl_blowup": "kl"}
-SIMPLE = ("length_collapse", "hockey_stick", "reward_drop", "entropy_collapse", "kl_blowup")
+SIMPLE = ("length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup")
 GRID = {"noise_units": (2.0, 3.0, 4.0), "collapse_ratio": (0.5, 0.6, 0.7), "entropy_ratio": (0.15, 0.2, 0.25),
         "reward_drop": (0.3, 0.5)}
 
@@ -75,7 +75,7 @@ def past(name: str, value: float, first: float, spread: float = 0.0) -> bool:
     """Each simple rule's limit on a level (`value`) against the level it started from (`first`)."""
     if name == "length_collapse":
         return first > 0 and value < 0.6 * first
-    if name in ("hockey_stick", "reward_drop"):
+    if name == "hockey_stick":
         return first - value > max(0.5 * abs(first), 3 * spread)
     if name == "entropy_collapse":
         return first > 0 and value < 0.2 * first
@@ -89,19 +89,13 @@ def rolling_median(curve: dict, th: Thresholds) -> dict:
         if not points:
             continue
         first = statistics.median(v for s, v in points if s < points[0][0] + 20)
-        run, dropped = 0, None
+        run = 0
         for i, (step, _) in enumerate(points):
             last = statistics.median(v for s, v in points[: i + 1] if s > step - 20)
             run = run + 1 if past(name, last, first) else 0
-            if run >= 3 and dropped is None:
-                dropped = step
-                if name != "hockey_stick":
-                    break
-            if name == "hockey_stick" and dropped is not None and last >= first - 0.1 * abs(first):
-                found[name] = dropped
+            if run >= 3:
+                found[name] = step
                 break
-        if name != "hockey_stick":
-            found[name] = dropped
     return found
 
 

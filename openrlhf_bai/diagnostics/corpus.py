@@ -2,8 +2,8 @@
 
 A curve is a dict: name, origin ("real" or "synthetic"), source (where it came from: the repository for a real
 run), rows [(step, metrics)], logging_steps, cap (the run's response-length limit, when known) and a label per
-event of EVENTS, {"present": bool, "onset": step or None} (for the hockey stick also "recovery"). A reward_drop is
-any sustained fall of the reward (the drop of a hockey stick, or a reward that falls and stays down). The onset is the first
+event of EVENTS, {"present": bool, "onset": step or None} (for the hockey stick also "recovery"). A hockey stick
+is a sustained fall of the reward, recovered or not (the corpus README's rule; the recovery is recorded). The onset is the first
 log point at which the event has reached the size that makes it one: length below about 60 % of where it was, the
 first point of a reward drop, entropy below about 30 %, KL several times its level; recovery is the first point
 back at the reward's level before the drop.
@@ -28,7 +28,7 @@ from openrlhf_bai.diagnostics.readers import read_rows
 
 LENGTH, REWARD, ENTROPY, KL, TRUNCATED = (
     "rollout/response_length_mean", "rollout/reward_mean", "entropy_loss", "kl", "rollout/truncated_rate")
-EVENTS = (*DETECTORS, "reward_drop")  # what a label can hold; reward_drop is the hockey stick's detector alone
+EVENTS = DETECTORS  # what a label can hold
 CAP_KEYS = ("max_response_length", "generate_max_len", "max_new_tokens")  # provenance.json: the run's length limit
 
 
@@ -41,8 +41,6 @@ def _label(**events) -> dict:
             label[name] = {"present": True, "onset": onset, "recovery": recovery}
         else:
             label[name] = {"present": True, "onset": onset}
-    if label["hockey_stick"]["present"] and not label["reward_drop"]["present"]:  # a hockey stick starts with one
-        label["reward_drop"] = {"present": True, "onset": label["hockey_stick"]["onset"]}
     return label
 
 
@@ -61,12 +59,11 @@ def real_curves(root: str | Path) -> list[dict]:
                 label[name] = {"present": True, "onset": onset}
                 if name == "hockey_stick":
                     label[name]["recovery"] = event.get("recovery_step")
-        if label["hockey_stick"]["present"] and not label["reward_drop"]["present"]:
-            label["reward_drop"] = {"present": True, "onset": label["hockey_stick"]["onset"]}
         curves.append({"name": run.name, "origin": "real", "kind": kind, "rows": rows,
                        "logging_steps": logging_steps, "label": label, "provenance": provenance,
                        "source": raw.get("source") or provenance.get("source") or provenance.get("repository")
-                       or run.name, "cap": next((provenance[k] for k in CAP_KEYS if provenance.get(k)), None)})
+                       or run.name,
+                       "cap": next((src[k] for src in (raw, provenance) for k in CAP_KEYS if src.get(k)), None)})
     return curves
 
 
@@ -107,7 +104,7 @@ def synthetic_curves(seed: int = 0) -> list[dict]:
         _label(entropy_collapse=48))
     add("kl-blowup", range(1, 151), lambda s: {
         LENGTH: 2000 * (1 + gauss(0, 0.04)), REWARD: 0.4 + gauss(0, 0.02),
-        KL: (0.002 + 0.0002 * s if s < 90 else 0.5 + 0.1 * (s - 90)) * (1 + gauss(0, 0.1))},
+        KL: (0.002 + 0.0002 * s if s < 90 else 1.5 + 0.1 * (s - 90)) * (1 + gauss(0, 0.1))},
         _label(kl_blowup=90))
     # Hitting the 8192-token cap half of the time, then learning to stop: the truncated share falls with the length,
     # and the responses that were not truncated keep their ~3000 tokens.
@@ -142,7 +139,7 @@ def synthetic_curves(seed: int = 0) -> list[dict]:
         _label())
     # 8 completions a step (rewards in eighths): the reward's level falls by half at step 100 and stays down.
     add("reward-halves-and-stays-batch-8", range(1, 251), lambda s: {
-        LENGTH: 700 * (1 + gauss(0, 0.05)), REWARD: binomial(0.6 if s < 100 else 0.3, 8)}, _label(reward_drop=100))
+        LENGTH: 700 * (1 + gauss(0, 0.05)), REWARD: binomial(0.6 if s < 100 else 0.3, 8)}, _label(hockey_stick=(100, None)))
     # KL already thousands of nats at the first log point (a broken reference model): a blow-up from the start.
     add("kl-thousands-of-nats-from-the-start", range(1, 61), lambda s: {
         LENGTH: 800 * (1 + gauss(0, 0.04)), REWARD: 0.3 + gauss(0, 0.02), KL: 2500 * (1 + gauss(0, 0.2))},
@@ -211,9 +208,7 @@ def score(curve: dict, detections: dict, patience: int) -> dict:
 
 def detections(verdict: dict) -> dict:
     """What a verdict (detectors.verdict) raised, per event of EVENTS, as the step it was raised at (or None): a
-    hockey stick is a reward drop that recovered; every reward drop counts as one."""
-    hockey = verdict["hockey_stick"]
+    hockey stick is raised at its drop, recovered or not."""
     return {"length_collapse": verdict["length_collapse"]["step"], "truncation_drop": verdict["truncation_drop"]["step"],
-            "hockey_stick": hockey["drop_step"] if hockey["recovery_steps"] is not None else None,
-            "reward_drop": hockey["drop_step"], "entropy_collapse": verdict["entropy_collapse"]["step"],
+            "hockey_stick": verdict["hockey_stick"]["drop_step"], "entropy_collapse": verdict["entropy_collapse"]["step"],
             "kl_blowup": verdict["kl_blowup"]["step"]}

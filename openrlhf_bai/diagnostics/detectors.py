@@ -74,13 +74,14 @@ NOISE_DIFFS = 64  # consecutive differences kept for a signal's noise estimate
 class Thresholds:
     patience: int = 3  # a fall must cover `patience` of the last 2 x patience - 1 log points
     reference_steps: int = 100  # steps over which the reference (median of the raw values) is taken
+    level_steps: int = 20  # steps over which the long level (a trimmed mean) is taken, for the noise test
     noise_units: float = 3.0  # every fall must also be this many noise units of the level
     collapse_ratio: float = 0.6  # length level / reference below this is a length collapse
     reward_drop: float = 0.5  # the reward level falling by this share of |reference| is a drop
     entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
-    kl_factor: float = 10.0  # KL level / reference above this (and above kl_jump_nats) is a blow-up
-    kl_jump_nats: float = 0.5  # nats: the smallest KL level a relative jump counts from
-    kl_limit_nats: float = 1.0  # nats: a KL level above this is a blow-up whatever the run did before
+    entropy_nats: float = 0.1  # nats: ... and the entropy level below this
+    kl_limit_nats: float = 1.0  # nats: a KL level above this (and above kl_factor x its reference) is a blow-up
+    kl_factor: float = 2.0  # ... and KL level / its reference above this, while the reference is below the limit
     action_strength: float = 1.0  # noise units past the threshold at each of `patience` points: save/stop acts
 
 
@@ -88,25 +89,28 @@ class Thresholds:
 LIMITS = {
     "patience": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
     "reference_steps": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
+    "level_steps": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
     "noise_units": (">= 0", lambda v: v >= 0),
     "collapse_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
     "reward_drop": ("in (0, 1]", lambda v: 0 < v <= 1),
     "entropy_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
-    "kl_factor": ("> 1", lambda v: v > 1),
-    "kl_jump_nats": ("> 0", lambda v: v > 0),
+    "entropy_nats": ("> 0", lambda v: v > 0),
     "kl_limit_nats": ("> 0", lambda v: v > 0),
+    "kl_factor": ("> 1", lambda v: v > 1),
     "action_strength": (">= 0", lambda v: v >= 0),
 }
 HELP = {
     "patience": "a fall must cover this many of the last 2 x patience - 1 log points (the level is their median)",
     "reference_steps": "steps over which each signal's reference (the median of its values) is taken",
+    "level_steps": "steps over which the level the noise test judges (a trimmed mean) is taken",
     "noise_units": "noise units of the level every fall must also exceed",
     "collapse_ratio": "response length level / reference below this is a length collapse",
     "reward_drop": "the reward level falling by this share of |reference| is a reward drop (a hockey stick's)",
     "entropy_ratio": "entropy level / its highest level since the start below this is an entropy collapse",
-    "kl_factor": "KL level / reference above this (and above kl_jump_nats) is a KL blow-up",
-    "kl_jump_nats": "nats: the smallest KL level that a jump of kl_factor x its reference counts from",
-    "kl_limit_nats": "nats: a KL level above this is a KL blow-up whatever the run did before",
+    "entropy_nats": "nats: an entropy collapse also needs the entropy level below this",
+    "kl_limit_nats": "nats: a KL level above this (and above kl_factor x its reference, once it has one) is a "
+                     "KL blow-up; a run already above it at its first points has no reference and is raised",
+    "kl_factor": "a KL blow-up also needs the KL level above this x its reference (while that is below kl_limit_nats)",
     "action_strength": "noise units past the threshold a detection keeps for patience log points before "
                        "--bai.on_collapse save/stop acts",
 }
@@ -114,7 +118,7 @@ HELP = {
 RENAMED = {
     "smoothing": "patience (the level is the median of the last 2 x patience - 1 log points; no EMA)",
     "hockey_drawdown": "noise_units (and reward_drop, the share of the reward the drop must be)",
-    "kl_floor": "kl_jump_nats and kl_limit_nats (KL levels in nats)",
+    "kl_floor": "kl_limit_nats (the KL level in nats a blow-up must exceed)",
 }
 
 
@@ -164,28 +168,68 @@ def _median(values: list[float]) -> float:
 # ------------------------------------------------------------------------------------------------- signals
 
 
+LOG_SIGNALS = ("length", "entropy", "kl")  # positive, multiplicative: judged on logs (ratios, relative noise)
+
+
 @dataclass
 class Level:
-    """One signal at one log point: its level, its reference (None: nothing before yet) and their noise units."""
-    value: float  # median of the last 2 x patience - 1 points
-    points: int  # how many points that median is over
-    reference: float | None
-    noise: float  # standard deviation of level - reference
-    level_noise: float  # standard deviation of the level alone
+    """One signal at one log point, in the units it is judged in (log for LOG_SIGNALS): the short level (median of
+    the last 2 x patience - 1 points), the long level (trimmed mean over level_steps steps), the reference, and
+    the noise units of short - reference and long - reference. `value` / `reference`: short level and reference
+    in the signal's own units."""
+    short: float
+    long: float
+    ref: float | None
+    sigma: float  # step-to-step standard deviation of the judged values
+    points: int  # points the short level is over
+    n_long: int  # points the long level is over
+    n_ref: int  # points the reference is the median of
+    log: bool
+
+    # Standard deviations of a median (1.2533 sigma / sqrt n) and of a trimmed mean (about 1.1 sigma / sqrt n).
+    @property
+    def level_noise(self) -> float:  # the short level alone
+        return 1.2533 * self.sigma / math.sqrt(self.points)
+
+    @property
+    def ref_noise(self) -> float:
+        return 1.2533 * self.sigma / math.sqrt(self.n_ref) if self.n_ref else 0.0
+
+    @property
+    def noise_short(self) -> float:  # of short - ref
+        return math.hypot(self.level_noise, self.ref_noise)
+
+    @property
+    def noise_long(self) -> float:  # of long - ref
+        return math.hypot(1.1 * self.sigma / math.sqrt(self.n_long), self.ref_noise)
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.short) if self.log else self.short
+
+    @property
+    def reference(self) -> float | None:
+        return None if self.ref is None else math.exp(self.ref) if self.log else self.ref
+
+
+def _to(log: bool, value: float) -> float:
+    # 1e-4 floor: a KL estimate at or below 0 (k1 can be) is "no KL yet", not a huge negative log.
+    return math.log(max(value, 1e-4)) if log else value
 
 
 def _new_track() -> dict:
-    # points: [step, raw value] within reference_steps (and the level's points); diffs: |raw differences| (repeats
-    # left out); repeats: repeated values; peak: highest level so far; frozen: {detector: reference} while held.
+    # points: [step, raw value] within reference_steps (and the level's points); diffs: |differences| of the judged
+    # (log) values, repeats left out; repeats: repeated values; peak: highest short level so far (judged units);
+    # frozen: {detector: reference in the signal's units} while its condition holds.
     return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}}
 
 
-def _feed(track: dict, step: int, value: float, th: Thresholds) -> None:
+def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> None:
     points = track["points"]
     if points:
         last = points[-1][1]
         if value != last:  # a repeated value (a reward stuck at 0) tells no noise
-            track["diffs"] = (track["diffs"] + [abs(value - last)])[-NOISE_DIFFS:]
+            track["diffs"] = (track["diffs"] + [abs(_to(log, value) - _to(log, last))])[-NOISE_DIFFS:]
         else:
             track["repeats"] += 1
     points.append([step, value])
@@ -195,52 +239,81 @@ def _feed(track: dict, step: int, value: float, th: Thresholds) -> None:
         points.pop(0)
 
 
-def _noise(track: dict, th: Thresholds, scale: float) -> float:
-    """Step-to-step standard deviation of the raw values; inf while too few moves to say (unless flat)."""
+def _noise(track: dict, th: Thresholds, scale: float, robust: bool) -> float:
+    """Step-to-step standard deviation of the judged values; inf while too few moves to say (unless flat).
+    `robust`: from the median absolute difference (a spike does not widen it); else from the root mean square
+    (less the largest tenth), for rewards: a small group's rewards are bimodal, most differences are small and
+    the jumps between the two modes are the noise that matters."""
     diffs = track["diffs"]
     if len(diffs) >= 3:
-        # A median of few differences is itself noisy: widen it while there are few (x2 at 4, x1.25 at 16).
-        sigma = 1.4826 * _median(diffs) / math.sqrt(2) * (1 + 4 / len(diffs))
-    elif len(diffs) <= 1 and track["repeats"] >= th.patience - 1:  # flat (patience equal values), one move at most
-        sigma = 0.0
+        if robust:
+            spread = 1.4826 * _median(diffs)
+        else:  # root mean square without the largest tenth (the fall being judged is one of the differences)
+            kept = sorted(diffs)[:len(diffs) - max(1, len(diffs) // 10)]
+            spread = math.sqrt(sum(d * d for d in kept) / len(kept))
+        # An estimate from few differences is itself noisy: widen it while there are few (x2 at 4, x1.25 at 16).
+        sigma = spread / math.sqrt(2) * (1 + 4 / len(diffs))
+    elif robust and len(diffs) <= 1 and track["repeats"] >= th.patience - 1:
+        sigma = 0.0  # flat (patience equal values), one move at most: a length that fell once and stays there
     else:  # too few moves to say yet
         sigma = math.inf
     return max(sigma, 1e-3 * scale, 1e-12)
 
 
-def _level(track: dict, th: Thresholds, peak: bool) -> Level:
+def _trimmed_mean(values: list[float]) -> float:
+    """Mean of the middle 60 % or more (a fifth cut at each end, rounded down; a median of 2 or fewer)."""
+    if len(values) < 3:
+        return _median(values)
+    ordered, cut = sorted(values), max(1, len(values) // 5)
+    middle = ordered[cut:len(ordered) - cut]
+    return sum(middle) / len(middle)
+
+
+def _level(track: dict, th: Thresholds, log: bool, peak: bool) -> Level:
     points = track["points"]
-    recent = [v for _, v in points[-(2 * th.patience - 1):]]
-    value = _median(recent)
-    if peak:
-        track["peak"] = value if track["peak"] is None or len(recent) < th.patience else max(track["peak"], value)
-        before = [track["peak"]] if len(points) > th.patience else []
-        before_n = len(recent)
+    values = [_to(log, v) for _, v in points]
+    last_step = points[-1][0]
+    # Medians for lengths, entropy and KL; trimmed means for rewards, which a small group makes bimodal (a median
+    # would jump between the two modes).
+    center = _median if log else _trimmed_mean
+    n_short = min(len(values), 2 * th.patience - 1)
+    short = center(values[-n_short:])
+    n_long = max(n_short, sum(1 for s, _ in points if s > last_step - th.level_steps))
+    long = _trimmed_mean(values[-n_long:])
+    if peak:  # the highest short level since the start (over at least patience points once there are that many)
+        if track["peak"] is None or n_short < th.patience:
+            track["peak"] = short
+        track["peak"] = max(track["peak"], short)
+        ref, n_ref = (track["peak"], n_short) if len(values) > th.patience else (None, 0)
     else:
-        before = [v for _, v in points[:-th.patience]]
-        before_n = len(before)
-    reference = _median(before) if before else None
-    sigma = _noise(track, th, abs(value) + abs(reference or 0.0))
-    level_noise = 1.2533 * sigma / math.sqrt(len(recent))
-    noise = math.hypot(level_noise, 1.2533 * sigma / math.sqrt(before_n)) if before else level_noise
-    return Level(value, len(recent), reference, noise, level_noise)
+        before = values[:-th.patience]
+        # A reward's reference needs patience points: one point of a bimodal reward says nothing of its level.
+        ref, n_ref = (center(before), len(before)) if len(before) >= (1 if log else th.patience) else (None, 0)
+    sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust=log)
+    return Level(short, long, ref, sigma, n_short, n_long, n_ref, log)
+
+
+def _with_reference(lv: Level, frozen: list) -> Level:
+    """The level against a frozen [reference, points it was the median of]: its noise is that of its own points."""
+    return replace(lv, ref=_to(lv.log, frozen[0]), n_ref=frozen[1])
 
 
 # ----------------------------------------------------------------------------------------------- detectors
 # judge(level, th, state, levels) -> (strength, measure, candidate): strength > 0 while the condition holds; measure
 # is the per-step metric (ratio, drawdown); candidate: past the ratio (size) part alone, which freezes the reference
-# (a fall that has not yet cleared the noise must not pull its own reference down while it does). Each judge sees the reference it is measured against (frozen while it holds);
-# `levels` holds this step's levels by signal (and what the length judges found about truncation).
+# (a fall that has not yet cleared the noise must not pull its own reference down while it does). The ratio part
+# is judged on the short level (fast: a majority of the last 2 x patience - 1 points), the noise part on the long
+# level (a trimmed mean over level_steps steps: the level's noise, not a single step's, is the unit).
+# `levels` holds this step's Level of each signal (and what the length judges found about truncation).
 
 
-def _fall(ratio_limit: float, lv: Level, th: Thresholds) -> tuple[float, float]:
-    """A positive signal falling below ratio_limit x its reference, by noise_units."""
-    if lv.reference is None or lv.reference <= 0:
+def _fall(ratio_limit: float, lv: Level, th: Thresholds) -> tuple[float, float, bool]:
+    """A positive signal (judged on logs) falling below ratio_limit x its reference, by noise_units."""
+    if lv.ref is None:
         return -math.inf, math.nan, False
-    ratio = lv.value / lv.reference
-    fall_units = (lv.reference - lv.value) / lv.noise
-    return min((ratio_limit * lv.reference - lv.value) / lv.noise, fall_units - th.noise_units), ratio, \
-        ratio < ratio_limit
+    log_limit = math.log(ratio_limit)
+    strength = min((log_limit - (lv.short - lv.ref)) / lv.noise_short, (lv.ref - lv.long) / lv.noise_long - th.noise_units)
+    return strength, math.exp(lv.short - lv.ref), lv.short - lv.ref < log_limit
 
 
 def _untruncated_ratio(state: dict, lv: Level, th: Thresholds, levels: dict) -> float | None:
@@ -248,7 +321,7 @@ def _untruncated_ratio(state: dict, lv: Level, th: Thresholds, levels: dict) -> 
     cannot be told (no cap known, or no truncated share logged at this step)."""
     cap = state["cap"] or state["max_length"]
     tl = levels.get("truncated")
-    if not cap or tl is None or lv.reference is None:
+    if not cap or tl is None or lv.ref is None:
         return None
     before = tl.reference if tl.reference is not None else tl.value
     now, before = min(max(tl.value, 0.0), 0.99), min(max(before, 0.0), 0.99)
@@ -261,7 +334,7 @@ def _untruncated_ratio(state: dict, lv: Level, th: Thresholds, levels: dict) -> 
     return untruncated_now / untruncated_before
 
 
-def _length_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
+def _length_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
     strength, ratio, candidate = _fall(th.collapse_ratio, lv, th)
     if candidate:
         kept = _untruncated_ratio(state, lv, th, levels)
@@ -270,8 +343,10 @@ def _length_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tu
     return strength, ratio, candidate
 
 
-def _truncation_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
+def _truncation_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
     strength, ratio, candidate = _fall(th.collapse_ratio, lv, th)
+    if state["detectors"]["length_collapse"]["step"] is not None:  # already called a collapse: not the cap
+        return -math.inf, ratio, False
     if candidate:
         kept = _untruncated_ratio(state, lv, th, levels)
         if kept is None or kept < th.collapse_ratio:
@@ -279,26 +354,31 @@ def _truncation_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tu
     return strength, ratio, candidate
 
 
-def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
-    if lv.reference is None:
+def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
+    if lv.ref is None:
         return -math.inf, math.nan, False
-    fall, size = lv.reference - lv.value, th.reward_drop * abs(lv.reference)
-    return min((fall - size) / lv.noise, fall / lv.noise - th.noise_units), fall / lv.noise, fall > size
+    size = th.reward_drop * abs(lv.ref)
+    drawdown = (lv.ref - lv.long) / lv.noise_long
+    return min((lv.ref - lv.short - size) / lv.noise_short, drawdown - th.noise_units), drawdown, lv.ref - lv.short > size
 
 
-def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
-    return _fall(th.entropy_ratio, lv, th)
+def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
+    """Below entropy_ratio x the highest level, and below entropy_nats: near-deterministic, not merely lower."""
+    strength, ratio, candidate = _fall(th.entropy_ratio, lv, th)
+    below = (math.log(th.entropy_nats) - lv.short) / lv.level_noise
+    return min(strength, below), ratio, candidate and below > 0
 
 
-def _kl_blowup(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float]:
-    absolute = (lv.value - th.kl_limit_nats) / lv.level_noise
-    relative, jumped = -math.inf, False
-    if lv.reference is not None:
-        relative = min((lv.value - th.kl_factor * lv.reference) / lv.noise, (lv.value - th.kl_jump_nats) / lv.noise,
-                       (lv.value - lv.reference) / lv.noise - th.noise_units)
-        jumped = lv.value > max(th.kl_factor * lv.reference, th.kl_jump_nats)
-    ratio = lv.value / max(lv.reference if lv.reference is not None else 0.0, 0.01)
-    return max(absolute, relative), ratio, jumped or lv.value > th.kl_limit_nats
+def _kl_blowup(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
+    """The level above kl_limit_nats; and where the run's reference is still below that, above kl_factor x it by
+    noise_units of the rise (a run already above the limit at its first points is raised on the limit alone)."""
+    log_limit = math.log(th.kl_limit_nats)
+    strength, candidate = (lv.short - log_limit) / lv.level_noise, lv.short > log_limit
+    if lv.ref is not None and lv.ref < log_limit:
+        rise = lv.short - lv.ref - math.log(th.kl_factor)
+        strength = min(strength, rise / lv.noise_short, (lv.long - lv.ref) / lv.noise_long - th.noise_units)
+        candidate = candidate and rise > 0
+    return strength, math.exp(lv.short - lv.ref) if lv.ref is not None else math.nan, candidate
 
 
 @dataclass(frozen=True)
@@ -325,7 +405,7 @@ DETECTORS_TABLE = (
              "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning"),
     Detector("hockey_stick", "reward", _reward_drop, "bai/reward_drawdown",
              describe=lambda lv, s, th: f"reward hockey stick: reward level {lv.value:.4g} fell from its reference "
-             f"{lv.reference:.4g} by {(lv.reference - lv.value) / lv.noise:.1f} noise units "
+             f"{lv.reference:.4g} by {(lv.ref - lv.long) / lv.noise_long:.1f} noise units "
              f"(--bai.reward_drop {th.reward_drop:g}, --bai.noise_units {th.noise_units:g})"),
     Detector("entropy_collapse", "entropy", _entropy_collapse, "bai/entropy_ratio", peak=True,
              describe=lambda lv, s, th: f"entropy collapse: policy entropy level {lv.value:.3g} at {_pct(lv)} of "
@@ -397,21 +477,21 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
     for name, keys in SIGNAL_KEYS.items():
         value = first_value(metrics, keys)
         if value is not None:
-            _feed(state["signals"][name], step, value, th)
-            levels[name] = _level(state["signals"][name], th, peak=name == "entropy")
+            _feed(state["signals"][name], step, value, th, name in LOG_SIGNALS)
+            levels[name] = _level(state["signals"][name], th, name in LOG_SIGNALS, peak=name == "entropy")
     out: dict[str, float] = {}
     for detector in DETECTORS_TABLE:
         if detector.signal not in levels:
             continue
         track, found = state["signals"][detector.signal], state["detectors"][detector.name]
         frozen = track["frozen"].get(detector.name)
-        lv = levels[detector.signal] if frozen is None else replace(levels[detector.signal], reference=frozen)
+        lv = levels[detector.signal] if frozen is None else _with_reference(levels[detector.signal], frozen)
         strength, measure, candidate = detector.judge(lv, th, state, levels)
         held = strength > 0 and lv.points >= th.patience
         _track_extreme(detector, found, lv, measure)
-        if candidate or held:
-            track["frozen"].setdefault(detector.name, lv.reference)
-        else:
+        if (candidate or held) and lv.ref is not None:
+            track["frozen"].setdefault(detector.name, [lv.reference, lv.n_ref])
+        elif not (candidate or held):
             track["frozen"].pop(detector.name, None)
         if held:
             found["run"] += 1
@@ -469,7 +549,7 @@ def _recovery(state: dict, found: dict, lv: Level, step: int) -> None:
     """After a reward drop: back within one noise unit of the reference it fell from, after recovery_steps."""
     if found["step"] is None or found["recovery_steps"] is not None or found["run"] > 0:
         return
-    if lv.value >= found["reference"] - lv.noise:
+    if lv.long >= found["reference"] - lv.noise_long:
         found["recovery_steps"] = step - found["step"]
         _event(state, "reward_recovered", step,
                f"reward back at its reference {found['recovery_steps']} steps after the drop: a hockey stick",
