@@ -114,11 +114,11 @@ HELP = {
     "action_strength": "noise units past the threshold a detection keeps for patience log points before "
                        "--bai.on_collapse save/stop acts",
 }
-# Thresholds of 0.2 that no longer exist, and what replaces each: refused by name, never silently ignored.
+# Thresholds of 0.2 that no longer exist: name -> (what replaces it, how). Refused by name, never silently ignored.
 RENAMED = {
-    "smoothing": "patience (the level is the median of the last 2 x patience - 1 log points; no EMA)",
-    "hockey_drawdown": "noise_units (and reward_drop, the share of the reward the drop must be)",
-    "kl_floor": "kl_limit_nats (the KL level in nats a blow-up must exceed)",
+    "smoothing": ("patience", "the level is the median of the last 2 x patience - 1 log points; there is no EMA"),
+    "hockey_drawdown": ("noise_units", "with reward_drop, the share of |reference| the reward level must fall"),
+    "kl_floor": ("kl_limit_nats", "the KL level in nats a blow-up must exceed"),
 }
 
 
@@ -126,7 +126,8 @@ def renamed_message(name: str, flag=lambda key: f"--bai.{key}") -> str | None:
     """The one-line refusal of a renamed or removed threshold `name`, or None when it is no such name."""
     if name not in RENAMED:
         return None
-    return f"{flag(name)} was removed in 0.3; use {flag(RENAMED[name])}"
+    replacement, how = RENAMED[name]
+    return f"{flag(name)} was removed in 0.3: use {flag(replacement)} ({how})"
 
 
 def make_thresholds(values: Mapping[str, Any], flag=lambda key: f"--bai.{key}") -> Thresholds:
@@ -168,7 +169,8 @@ def _median(values: list[float]) -> float:
 # ------------------------------------------------------------------------------------------------- signals
 
 
-LOG_SIGNALS = ("length", "entropy", "kl")  # positive, multiplicative: judged on logs (ratios, relative noise)
+LOG_SIGNALS = ("length", "entropy")  # positive and multiplicative: judged on logs (ratios, relative noise)
+MEAN_SIGNALS = ("reward",)  # trimmed means and root-mean-square noise (bimodal small-group rewards); else medians
 
 
 @dataclass
@@ -213,8 +215,7 @@ class Level:
 
 
 def _to(log: bool, value: float) -> float:
-    # 1e-4 floor: a KL estimate at or below 0 (k1 can be) is "no KL yet", not a huge negative log.
-    return math.log(max(value, 1e-4)) if log else value
+    return math.log(max(value, 1e-9)) if log else value
 
 
 def _new_track() -> dict:
@@ -269,13 +270,13 @@ def _trimmed_mean(values: list[float]) -> float:
     return sum(middle) / len(middle)
 
 
-def _level(track: dict, th: Thresholds, log: bool, peak: bool) -> Level:
+def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = True) -> Level:
     points = track["points"]
     values = [_to(log, v) for _, v in points]
     last_step = points[-1][0]
     # Medians for lengths, entropy and KL; trimmed means for rewards, which a small group makes bimodal (a median
     # would jump between the two modes).
-    center = _median if log else _trimmed_mean
+    center = _median if robust else _trimmed_mean
     n_short = min(len(values), 2 * th.patience - 1)
     short = center(values[-n_short:])
     n_long = max(n_short, sum(1 for s, _ in points if s > last_step - th.level_steps))
@@ -288,8 +289,8 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool) -> Level:
     else:
         before = values[:-th.patience]
         # A reward's reference needs patience points: one point of a bimodal reward says nothing of its level.
-        ref, n_ref = (center(before), len(before)) if len(before) >= (1 if log else th.patience) else (None, 0)
-    sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust=log)
+        ref, n_ref = (center(before), len(before)) if len(before) >= (1 if robust else th.patience) else (None, 0)
+    sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust)
     return Level(short, long, ref, sigma, n_short, n_long, n_ref, log)
 
 
@@ -370,15 +371,18 @@ def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> t
 
 
 def _kl_blowup(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
-    """The level above kl_limit_nats; and where the run's reference is still below that, above kl_factor x it by
-    noise_units of the rise (a run already above the limit at its first points is raised on the limit alone)."""
-    log_limit = math.log(th.kl_limit_nats)
-    strength, candidate = (lv.short - log_limit) / lv.level_noise, lv.short > log_limit
-    if lv.ref is not None and lv.ref < log_limit:
-        rise = lv.short - lv.ref - math.log(th.kl_factor)
-        strength = min(strength, rise / lv.noise_short, (lv.long - lv.ref) / lv.noise_long - th.noise_units)
+    """The level above kl_limit_nats; and where the run's reference is still below that, above kl_factor x it (a run
+    already above the limit at its first points is raised on the limit alone). The limit is in nats, the noise
+    test is the limit's: a KL that rises to 1 nat over 20 steps is no less a blow-up for having risen slowly."""
+    past = lv.short - th.kl_limit_nats
+    # Before its noise is known (fewer than 3 moves), how far past the limit is counted in limits.
+    strength = past / lv.level_noise if math.isfinite(lv.level_noise) else past / th.kl_limit_nats
+    candidate = past > 0
+    if lv.ref is not None and lv.ref < th.kl_limit_nats:
+        rise = lv.short - th.kl_factor * lv.ref
+        strength = min(strength, rise / lv.noise_short)
         candidate = candidate and rise > 0
-    return strength, math.exp(lv.short - lv.ref) if lv.ref is not None else math.nan, candidate
+    return strength, lv.short / max(lv.ref if lv.ref is not None else 0.0, 0.01), candidate
 
 
 @dataclass(frozen=True)
@@ -388,6 +392,10 @@ class Detector:
     judge: Callable[[Level, Thresholds, dict, dict], tuple[float, float, bool]]
     measure: str  # the per-step bai/* metric of `measure`
     peak: bool = False  # reference: the highest level since the start instead of the windowed median
+    # hold: raised once held at patience consecutive log points, its level counted from the first point (KL: a
+    # single-step spike lifts a 5-point median for a point or two; a run in the thousands from its first point is
+    # raised at its patience-th); else raised at the first point held, once the level spans patience points.
+    hold: bool = False
     describe: Callable[[Level, float, Thresholds], str] = None  # the message when raised
 
 
@@ -410,7 +418,7 @@ DETECTORS_TABLE = (
     Detector("entropy_collapse", "entropy", _entropy_collapse, "bai/entropy_ratio", peak=True,
              describe=lambda lv, s, th: f"entropy collapse: policy entropy level {lv.value:.3g} at {_pct(lv)} of "
              f"its highest level {lv.reference:.3g} (--bai.entropy_ratio {th.entropy_ratio:g})"),
-    Detector("kl_blowup", "kl", _kl_blowup, "bai/kl_ratio",
+    Detector("kl_blowup", "kl", _kl_blowup, "bai/kl_ratio", hold=True,
              describe=lambda lv, s, th: f"KL blow-up: KL level {lv.value:.3g} nats against its reference "
              f"{'-' if lv.reference is None else format(lv.reference, '.3g')} (--bai.kl_limit_nats "
              f"{th.kl_limit_nats:g}, --bai.kl_factor {th.kl_factor:g})"),
@@ -427,7 +435,7 @@ def new_state(cap: float | None = None) -> dict:
         "cap": cap,  # the run's length limit; else max_length, the largest max-length metric logged
         "max_length": None,
         "signals": {name: _new_track() for name in SIGNAL_KEYS},
-        # step: raised at; run: consecutive log points held; weakest: lowest strength over that run; sustained:
+        # step: raised at; run: consecutive log points held; weakest: the strengths of its last patience; sustained:
         # the step it became strong and sustained (on_collapse acts); strength / max_strength: at the raise and
         # the highest; extreme: lowest ratio (highest for KL, deepest drawdown for the reward) while judged;
         # reference: what it was measured against at the raise (else at the extreme); recovery_steps: reward only.
@@ -463,8 +471,11 @@ def upgrade_state(old: dict, th: Thresholds = Thresholds()) -> dict | None:
     return state
 
 
-def _event(state: dict, detector: str, step: int, message: str, values: dict, alarm: bool = True) -> None:
-    state["events"].append({"detector": detector, "step": step, "message": message, "values": values, "alarm": alarm})
+def _event(state: dict, detector: str, step: int, message: str, values: dict, alarm: bool = True,
+           sustained: bool = False) -> None:
+    """alarm: a detection raised (warn and alert); sustained: one that became strong and sustained (save/stop act)."""
+    state["events"].append({"detector": detector, "step": step, "message": message, "values": values, "alarm": alarm,
+                            "sustained": sustained})
 
 
 def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds = Thresholds()) -> dict:
@@ -478,7 +489,8 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
         value = first_value(metrics, keys)
         if value is not None:
             _feed(state["signals"][name], step, value, th, name in LOG_SIGNALS)
-            levels[name] = _level(state["signals"][name], th, name in LOG_SIGNALS, peak=name == "entropy")
+            levels[name] = _level(state["signals"][name], th, name in LOG_SIGNALS, name == "entropy",
+                                  name not in MEAN_SIGNALS)
     out: dict[str, float] = {}
     for detector in DETECTORS_TABLE:
         if detector.signal not in levels:
@@ -487,18 +499,18 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
         frozen = track["frozen"].get(detector.name)
         lv = levels[detector.signal] if frozen is None else _with_reference(levels[detector.signal], frozen)
         strength, measure, candidate = detector.judge(lv, th, state, levels)
-        held = strength > 0 and lv.points >= th.patience
+        held = strength > 0 and lv.points >= (1 if detector.hold else th.patience)
         _track_extreme(detector, found, lv, measure)
         if (candidate or held) and lv.ref is not None:
             track["frozen"].setdefault(detector.name, [lv.reference, lv.n_ref])
         elif not (candidate or held):
             track["frozen"].pop(detector.name, None)
-        if held:
+        if held:  # weakest: the strengths of the last patience points held
             found["run"] += 1
-            found["weakest"] = strength if found["run"] == 1 else min(found["weakest"], strength)
+            found["weakest"] = ([] if found["run"] == 1 else found["weakest"])[-(th.patience - 1):] + [strength]
         else:
             found["run"], found["weakest"] = 0, None
-        if held and found["step"] is None:
+        if held and found["run"] >= (th.patience if detector.hold else 1) and found["step"] is None:
             found.update(step=step, strength=strength, reference=lv.reference)
             values = {"level": lv.value, "reference": lv.reference, "strength": strength, _measure_name(detector): measure}
             if detector.signal == "length" and "truncation" in levels:
@@ -509,11 +521,12 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
         if held:
             found["max_strength"] = max(found["max_strength"] or strength, strength)
         if (found["step"] is not None and found["sustained"] is None and found["run"] >= th.patience
-                and found["weakest"] >= th.action_strength):
+                and min(found["weakest"]) >= th.action_strength):
             found["sustained"] = step
-            _event(state, detector.name, step, f"{detector.name.replace('_', ' ')} sustained: held {found['run']} "
-                   f"log points, each at least {th.action_strength:g} noise units past the threshold",
-                   {"strength": found["weakest"], "raised_step": found["step"]}, alarm=False)
+            _event(state, detector.name, step, f"{detector.name.replace('_', ' ')} (raised at step {found['step']}) "
+                   f"sustained: held {found['run']} log points, each at least {th.action_strength:g} noise units past "
+                   f"the threshold (--bai.action_strength)", {"strength": min(found["weakest"]), "raised_step": found["step"]},
+                   alarm=False, sustained=True)
         if detector.name == "hockey_stick":
             _recovery(state, found, lv, step)
         if math.isfinite(measure):
