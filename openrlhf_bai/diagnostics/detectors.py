@@ -262,10 +262,11 @@ def _noise(track: dict, th: Thresholds, scale: float, robust: bool) -> float:
 
 
 def _trimmed_mean(values: list[float]) -> float:
-    """Mean of the middle 60 % or more (a fifth cut at each end, rounded down; a median of 2 or fewer)."""
+    """Mean without the highest and lowest tenth (at least one value each; a median of 2 or fewer). A tenth, not
+    more: in a fall the low values are the ones cut, so each point cut is a point of delay."""
     if len(values) < 3:
         return _median(values)
-    ordered, cut = sorted(values), max(1, len(values) // 5)
+    ordered, cut = sorted(values), max(1, len(values) // 10)
     middle = ordered[cut:len(ordered) - cut]
     return sum(middle) / len(middle)
 
@@ -462,8 +463,10 @@ def upgrade_state(old: dict, th: Thresholds = Thresholds()) -> dict | None:
     state["steps"] = old.get("steps", 0)
     for name, track in (old.get("signals") or {}).items():
         if name in state["signals"]:
-            state["signals"][name]["points"] = [[int(s), float(v)] for s, v in track.get("window", [])]
-            state["signals"][name]["diffs"] = list(track.get("diffs", []))
+            points = [[int(s), float(v)] for s, v in track.get("window", [])]
+            log = name in LOG_SIGNALS  # the differences again, in the units now judged (0.2 kept raw ones)
+            state["signals"][name].update(points=points, diffs=[
+                abs(_to(log, b[1]) - _to(log, a[1])) for a, b in zip(points, points[1:]) if a[1] != b[1]][-NOISE_DIFFS:])
     for name in DETECTORS:
         step = (old.get(name) or {}).get("step")
         if step is not None:

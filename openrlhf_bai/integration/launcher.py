@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-from openrlhf_bai.diagnostics.detectors import HELP, Thresholds
+from openrlhf_bai.diagnostics.detectors import HELP, RENAMED, Thresholds, renamed_message
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration.monitor import CONFIG_ENV, ON_COLLAPSE, check_config, monitor_config
 
@@ -93,6 +93,10 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
     parser.add_argument("--bai.strict_callbacks", action="store_true",
                         help="let a failing user callback (register_callback, openrlhf_bai.callbacks entry points) "
                              "end training; by default it is logged once and counted in bai/monitor_errors")
+    parser.add_argument("--bai.entropy", choices=("on", "off"), default="on",
+                        help="on (default): add --actor.entropy_coef 0 to an OpenRLHF 0.11 command that does not set "
+                             "it, so OpenRLHF logs entropy_loss (the entropy detector's signal) without changing the "
+                             "loss; off: leave the command as it is")
     for name, default in asdict(th).items():  # the detectors' thresholds (openrlhf_bai.diagnostics.detectors)
         parser.add_argument(f"--bai.{name}", type=type(default), default=default, metavar="X",
                             help=f"{HELP[name]} (default {default})")
@@ -227,6 +231,7 @@ def run(argv: list[str]) -> int:
     )
     add_bai_arguments(parser)
     ours, rest = parser.parse_known_args(argv)
+    refuse_renamed_bai_flags(rest)
     flat = vars(ours)
     bai = SimpleNamespace(**{key.removeprefix("bai."): value for key, value in flat.items() if key.startswith("bai.")})
     check_config(monitor_config(bai))  # bad thresholds fail here, not in a Ray worker hours later
@@ -237,6 +242,7 @@ def run(argv: list[str]) -> int:
         if given:
             raise BAIError(f"{' '.join(given)} given without --actor_init bai; add --actor_init bai to merge")
 
+    rest = with_entropy_logged(rest, bai)
     command = [sys.executable, "-m", OPENRLHF_CLI, *rest]
     if bai.merge_only:
         print(" ".join(map(shell_quote, command)))
@@ -255,6 +261,30 @@ def run(argv: list[str]) -> int:
     finally:
         sys.argv = saved_argv
     return 0
+
+
+def refuse_renamed_bai_flags(rest: list[str]) -> None:
+    """A threshold flag of an older release (detectors.RENAMED) is refused in one line naming its replacement,
+    not passed on to OpenRLHF or ignored."""
+    for arg in rest:
+        name = arg.split("=", 1)[0].removeprefix("--bai.")
+        if arg.startswith("--bai.") and name in RENAMED:
+            raise BAIError(renamed_message(name))
+
+
+ENTROPY_FLAG = "--actor.entropy_coef"  # OpenRLHF 0.11: None (default) computes no entropy; 0 logs it, loss unchanged
+
+
+def with_entropy_logged(rest: list[str], bai) -> list[str]:
+    """OpenRLHF's arguments plus --actor.entropy_coef 0 where the command does not set it (--bai.entropy on, OpenRLHF
+    0.11 or unknown): OpenRLHF then computes the token entropy from the actor's logits it already has and logs it as
+    entropy_loss; with 0 it never enters the loss (ppo_actor.py: `if entropy_coef != 0: loss -= ...`)."""
+    version = openrlhf_version()
+    if bai.entropy == "off" or (version is not None and version < (0, 11)):  # 0.10 and older spell it differently
+        return rest
+    if any(arg.split("=", 1)[0] == ENTROPY_FLAG for arg in rest):
+        return rest
+    return [*rest, ENTROPY_FLAG, "0"]
 
 
 def shell_quote(arg: str) -> str:
