@@ -262,11 +262,9 @@ def _noise(track: dict, th: Thresholds, scale: float, robust: bool) -> float:
 
 
 def _trimmed_mean(values: list[float]) -> float:
-    """Mean without the highest and lowest tenth (at least one value each; a median of 2 or fewer). A tenth, not
-    more: in a fall the low values are the ones cut, so each point cut is a point of delay."""
-    if len(values) < 3:
-        return _median(values)
-    ordered, cut = sorted(values), max(1, len(values) // 10)
+    """Mean without the highest and lowest tenth (none of fewer than 10 values). A tenth, not more: in a fall the
+    low values are the ones cut, so each point cut is a point of delay."""
+    ordered, cut = sorted(values), len(values) // 10
     middle = ordered[cut:len(ordered) - cut]
     return sum(middle) / len(middle)
 
@@ -442,7 +440,7 @@ def new_state(cap: float | None = None) -> dict:
         # reference: what it was measured against at the raise (else at the extreme); recovery_steps: reward only.
         "detectors": {d.name: {"step": None, "run": 0, "weakest": None, "sustained": None, "strength": None,
                                "max_strength": None, "extreme": None, "reference": None, "recovery_steps": None,
-                               "depth": 0.0}
+                               "depth": 0.0, "back": 0, "back_step": None}
                       for d in DETECTORS_TABLE},
         # What fired, in order: {"detector", "step", "message", "values", "alarm"}; the monitor acts on new entries.
         "events": [],
@@ -531,9 +529,9 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
                    f"the threshold (--bai.action_strength)", {"strength": min(found["weakest"]), "raised_step": found["step"]},
                    alarm=False, sustained=True)
         if detector.name == "hockey_stick":
-            _recovery(state, found, lv, step)
-        if math.isfinite(measure):
-            out[detector.measure] = measure
+            _recovery(state, found, lv, step, th)
+        if math.isfinite(measure) and (held or candidate or detector.measure not in out):
+            out[detector.measure] = measure  # two rows share the length ratio: the one holding (frozen) reports it
         out[f"bai/{detector.name}"] = float(held and found["step"] is not None)
         out[f"bai/{detector.name}_strength"] = max(strength, -99.0) if math.isfinite(strength) else -99.0
     found = state["detectors"]
@@ -561,12 +559,17 @@ def _track_extreme(detector: Detector, found: dict, lv: Level, measure: float) -
         found["depth"] = max(found["depth"], measure)
 
 
-def _recovery(state: dict, found: dict, lv: Level, step: int) -> None:
-    """After a reward drop: back within one noise unit of the reference it fell from, after recovery_steps."""
+def _recovery(state: dict, found: dict, lv: Level, step: int, th: Thresholds) -> None:
+    """After a reward drop: the short level back within one noise unit of the reference it fell from, at patience
+    log points in a row; recovery_steps counts from the drop to the first of them."""
     if found["step"] is None or found["recovery_steps"] is not None or found["run"] > 0:
         return
-    if lv.long >= found["reference"] - lv.noise_long:
-        found["recovery_steps"] = step - found["step"]
+    # Back for patience points in a row: a noisy reward touching its old level once has not recovered.
+    found["back"] = found.get("back", 0) + 1 if lv.short >= found["reference"] - lv.noise_short else 0
+    if found["back"] == 1:
+        found["back_step"] = step
+    if found["back"] >= th.patience:
+        found["recovery_steps"] = found["back_step"] - found["step"]
         _event(state, "reward_recovered", step,
                f"reward back at its reference {found['recovery_steps']} steps after the drop: a hockey stick",
                {"recovery_steps": found["recovery_steps"]}, alarm=False)
