@@ -276,12 +276,12 @@ ENTROPY_FLAG = "--actor.entropy_coef"  # OpenRLHF 0.11: None (default) computes 
 
 
 def with_entropy_logged(rest: list[str], bai) -> list[str]:
-    """OpenRLHF's arguments plus --actor.entropy_coef 0 where the command does not set it (--bai.entropy on, OpenRLHF
-    0.11 or unknown): OpenRLHF then computes the token entropy from the actor's logits it already has and logs it as
+    """OpenRLHF's arguments plus --actor.entropy_coef 0 where the command does not set it (--bai.entropy on, the
+    monitor on, OpenRLHF 0.11 or unknown): OpenRLHF then computes the token entropy from the actor's logits it already has and logs it as
     entropy_loss; with 0 it never enters the loss (ppo_actor.py: `if entropy_coef != 0: loss -= ...`)."""
     version = openrlhf_version()
-    if bai.entropy == "off" or (version is not None and version < (0, 11)):  # 0.10 and older spell it differently
-        return rest
+    if bai.entropy == "off" or bai.stability == "off" or (version is not None and version < (0, 11)):
+        return rest  # nothing would read it; 0.10 and older spell the flag differently
     if any(arg.split("=", 1)[0] == ENTROPY_FLAG for arg in rest):
         return rest
     return [*rest, ENTROPY_FLAG, "0"]
