@@ -130,11 +130,10 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
         for event in fired:
             logger.warning(f"[openrlhf-bai] step {global_step}: {event['message']}; --bai.on_collapse {action}: "
                            + (CONSEQUENCE[action] if action == "warn" else f"{action} once it is sustained"))
-    if sustained and not run.get("stopping"):
-        for event in sustained:  # a warning where it acts, else a note
-            (logger.info if action == "warn" else logger.warning)(
-                f"[openrlhf-bai] step {global_step}: {event['message']}; --bai.on_collapse {action}: "
-                f"{CONSEQUENCE[action]}")
+    if sustained and action != "warn" and not run.get("stopping"):  # with warn, the raise was the one message
+        for event in sustained:
+            logger.warning(f"[openrlhf-bai] step {global_step}: {event['message']}; --bai.on_collapse {action}: "
+                           f"{CONSEQUENCE[action]}")
         if action == "save":
             request_checkpoint(trainer)
         elif action == "stop":
