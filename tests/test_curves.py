@@ -28,6 +28,9 @@ DISAGREE = {
     ("basile-qwen25-grpo-gsm8k-noisy-decline", "length_collapse"): "false alarm",
     ("unsloth-mistral-7b-grpo-gsm8k", "length_collapse"): "false alarm",
     ("unsloth-gptoss-20b-bf16-grpo-2048-game", "length_collapse"): "false alarm",
+    # A 2-completion run whose length slides from ~450 to ~45 tokens over steps 160-300: raised at 187, when its
+    # level first fell below 60 % of its reference; the label's onset (199) is where its level stays below 50 %.
+    ("unsloth-gptoss-20b-grpo-2048-game-1000-steps", "length_collapse"): "early",
     # KL above 1 nat on 5 of the last 6 points of a 29-point log: too short for the label's rule, not for ours.
     ("unsloth-gptoss-20b-grpo-2048-openenv", "kl_blowup"): "false alarm",
     # A bimodal 2-completion reward that was high for only 12 steps before falling: its windowed reference never

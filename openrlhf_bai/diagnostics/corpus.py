@@ -9,7 +9,8 @@ first point of a reward drop, entropy below about 30 %, KL several times its lev
 back at the reward's level before the drop.
 
 - real_curves(root): every `<root>/<run>/` with provenance.json (where the run came from, its file and format)
-  and label.json (what the curve does, judged by eye from its numbers); see tests/data/curves/README.md.
+  and label.json (what the curve does, by the rule in tests/data/curves/README.md; its source, noise class, batch
+  and generation cap, which each curve carries as "source", "noise_class", "batch", "max_response_length").
 - synthetic_curves(seed): what real runs do and the real corpus lacks: the paper's Figure 2 and 3 shapes,
   entropy collapse, KL blow-up, a drop from the truncation cap, and healthy regimes that trip naive detectors
   (length rising to the cap, a slow decline under a length penalty, small-batch binomial rewards, rewards
@@ -56,13 +57,15 @@ def real_curves(root: str | Path) -> list[dict]:
         for name, event in raw.items():
             if name in label and isinstance(event, dict) and event.get("present"):
                 onset = event.get("onset_step", event.get("drop_step"))
-                label[name] = {"present": True, "onset": onset}
+                label[name] = {"present": True, "onset": onset, "borderline": bool(event.get("borderline"))}
                 if name == "hockey_stick":
                     label[name]["recovery"] = event.get("recovery_step")
+        # Who published the run (leave-one-source-out holds a whole source out) and how noisy it is.
         curves.append({"name": run.name, "origin": "real", "kind": kind, "rows": rows,
                        "logging_steps": logging_steps, "label": label, "provenance": provenance,
-                       "source": raw.get("source") or provenance.get("source") or provenance.get("repository")
-                       or run.name,
+                       "source": raw.get("source") or provenance["repository"],
+                       "noise_class": raw.get("noise_class", "unknown"), "batch": raw.get("batch"),
+                       "max_response_length": raw.get("max_response_length"),
                        "cap": next((src[k] for src in (raw, provenance) for k in CAP_KEYS if src.get(k)), None)})
     return curves
 
