@@ -1,43 +1,46 @@
 """Detectors for the failures of RLHF on a distilled reasoning model (arXiv 2509.00309) and their neighbours.
 
 Pure functions over plain, JSON-serializable state, so that the live monitor (one step at a time, its state
-saved in OpenRLHF's client_states) and the offline `diagnose` (a whole series) run the same code.
+saved in OpenRLHF's client_states) and the offline `diagnose` (a whole series) run the same code: one table of
+detectors (DETECTORS_TABLE, a row each) over one state object (new_state).
 
-Every signal is judged by two robust numbers and its own noise:
-- the **level**: the median of the last 2 x `patience` - 1 log points, so a fall counts only once it covers a
-  majority of them (`patience` points out of 2 x `patience` - 1): a one-point dip or spike moves it not at all;
-- the **reference**: the median of the raw values of the last `reference_steps` steps (counted in steps, so it
-  means the same at any --logger.logging_steps and after a resume), leaving out the last `patience` points, which
-  may already belong to the fall; for entropy the highest level since the first step (entropy that falls to a
-  fifth is collapsed however slowly it got there). While a detector's condition holds its reference is frozen,
-  so a collapse that does not come back stays a collapse;
-- the **noise unit**: the standard deviation of the level minus the reference, from the signal's step-to-step
-  noise (1.4826 x the median absolute difference of consecutive values / sqrt 2, repeated values left out)
-  scaled to a median of n points (1.2533 / sqrt n) for the level and for the reference. A batch of 4 samples and
-  a batch of 1,024 thus mean the same thing: the noisier the signal, the larger the fall it takes.
+Every signal is judged by robust statistics over windows, and by its own noise:
+- the **short level**: the median of the last 2 x `patience` - 1 log points, so a fall counts once it covers a
+  majority of them: a one-point dip or spike moves it not at all;
+- the **long level**: a trimmed mean (a tenth cut at each end) over the last `level_steps` steps (at least the
+  short level's points); the noise test is judged on it, so the unit is the level's noise, not a single step's;
+- the **reference**: the median of the values of the last `reference_steps` steps (counted in steps, so it means
+  the same at any --logger.logging_steps and after a resume), leaving out the last `patience` points, which may
+  already belong to the fall; for entropy the highest short level since the first step. From the moment a fall
+  passes its ratio (before it clears the noise) until it ends, the reference is frozen with the number of points
+  it was taken over, so a fall never pulls its own reference down and a collapse that does not come back stays one;
+- the **noise unit**: the step-to-step standard deviation of the values (1.4826 x the median absolute consecutive
+  difference / sqrt 2, repeated values left out, widened while there are few), scaled to each statistic
+  (1.2533 / sqrt n for a median, 1.1 / sqrt n for the trimmed mean) and combined with the reference's.
+  Lengths and entropy are judged on their logarithms (their noise is relative: a batch of 4 samples and one of
+  1,024 then mean the same thing). Rewards use trimmed means and the root mean square of the differences (less
+  the largest tenth): a small group's rewards are bimodal, and a median would jump between the two modes.
 
-A detector's **strength** is how far past its threshold the level is, in noise units: the smaller of the margins
-past the ratio (or nats) limit and past `noise_units`; a condition holds at a log point when its strength is > 0.
-It is raised at the first such point (once the level holds at least `patience` points). It is **sustained**
-(what --bai.on_collapse save/stop acts on) once it has held at `patience` consecutive log points with a strength
-of at least `action_strength` at each.
+A detection's **strength** is how far past its threshold it is, in noise units (the smallest margin over its
+conditions); a condition holds at a log point when its strength is > 0. It is raised at the first point it holds
+(KL: once held at `patience` points in a row), and it is **sustained** (what --bai.on_collapse save/stop acts
+on) once it has held at `patience` consecutive log points, each at least `action_strength` noise units past.
 
-The detectors, one row each in DETECTORS:
-- length_collapse: level < `collapse_ratio` x reference, and the fall >= `noise_units` noise units; unless the
-  truncated share explains it (then truncation_drop).
+- length_collapse: short level < `collapse_ratio` x reference, and the long level `noise_units` below it; unless
+  the truncated share explains it (then truncation_drop).
 - truncation_drop: the same fall, explained by the truncation cap: the mean length of the responses that were NOT
-  truncated, estimated from the cap C, the truncated share r and the mean m as (m - r C) / (1 - r), stayed above
-  `collapse_ratio` x its own reference. The cap is the run's (--rollout.max_new_tokens, verl's
-  max_response_length) when known, else the largest value of the log's max-length metric; without one every fall
-  is a collapse.
-- hockey_stick: the reward level falls by at least `reward_drop` x |reference| and by `noise_units` noise units
-  (a reward that falls by half and stays down is raised: it is the drop of a hockey stick that has not recovered
-  yet); recovered when the level is back within one noise unit of the reference it fell from, after
-  recovery_steps steps.
-- entropy_collapse: entropy level < `entropy_ratio` x the highest level since the start, by `noise_units`.
+  truncated, estimated from the cap C, the truncated share r and the mean m as (m - r C) / (1 - r), stayed at or
+  above `collapse_ratio` x its own reference. The cap is the run's (--rollout.max_new_tokens; diagnose
+  --max-response-length) when known, else the largest value of the log's max-length metric; without one every
+  fall is a collapse. Once a fall is called a collapse it is not called a cap drop afterwards.
+- hockey_stick: the reward's short level fallen by `reward_drop` x |reference|, and the long level `noise_units`
+  below it (a reward that falls by half and stays down is raised: the drop of a hockey stick that has not
+  recovered); recovered once the short level is back within one noise unit of the reference at `patience`
+  points in a row, recovery_steps after the drop.
+- entropy_collapse: entropy below `entropy_ratio` x its highest level and below `entropy_nats`, by `noise_units`.
 - kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
-  raised), or above `kl_factor` x its reference and `kl_jump_nats` at once (relative to the run's own trajectory:
-  a smooth rise to a few tenths of a nat is not a blow-up), by `noise_units` noise units over the reference.
+  raised), and, while the run's reference is below that limit, above `kl_factor` x the reference (its own
+  trajectory), held at `patience` points in a row (KL estimates spike on single steps).
 """
 
 from __future__ import annotations
