@@ -5,6 +5,8 @@ beside each; a run's *source* is its label's "source", else its repository) and,
 synthetic shapes (--seeds times over). Contenders, on the same curves:
 - openrlhf-bai (defaults): detectors.analyze with the default Thresholds, fixed a priori (see docs: chosen on the
   runs the corpus held when they were set), what the monitor and `diagnose` run;
+- openrlhf-bai, save/stop (sustained): the same run, scored where --bai.on_collapse save/stop act (a detection held
+  at patience points in a row, each action_strength noise units past its threshold);
 - openrlhf-bai (LOSO): for each source, the thresholds of GRID that do best (fewest misses + false alarms + late,
   ties to the defaults) on the real runs of every OTHER source, then scored on that source;
 - rolling median: the ten-line rule of issue 15, a median of the last 20 steps against the median of the first
@@ -66,6 +68,12 @@ def series(curve: dict, signal: str) -> list[tuple[int, float]]:
 
 def ours(curve: dict, th: Thresholds) -> dict:
     return detections(analyze(curve["rows"], th, cap=curve.get("cap"))[0])
+
+
+def ours_sustained(curve: dict, th: Thresholds) -> dict:
+    """Where --bai.on_collapse save/stop would act: each detection's sustained step."""
+    verdict = analyze(curve["rows"], th, cap=curve.get("cap"))[0]
+    return {name: verdict[name]["sustained_step"] for name in detections(verdict)}
 
 
 # ------------------------------------------------------------------------------------------- the references
@@ -238,8 +246,8 @@ def main(argv=None) -> int:
     real = real_curves(REPO / "tests" / "data" / "curves")
     synthetic = [dict(curve, name=f"{curve['name']}#{seed}") for seed in range(args.seeds)
                  for curve in synthetic_curves(seed)]
-    contenders = {"openrlhf-bai (defaults)": ours, "rolling median (issue 15)": rolling_median,
-                  "plain threshold": plain_threshold}
+    contenders = {"openrlhf-bai (defaults)": ours, "openrlhf-bai, save/stop (sustained)": ours_sustained,
+                  "rolling median (issue 15)": rolling_median, "plain threshold": plain_threshold}
     if not args.skip_references:
         ensure_deps()
         contenders.update({"PELT (ruptures, offline)": pelt, "rlwatch 0.5.1": rlwatch})

@@ -3,6 +3,7 @@ release refused naming their replacement (launcher, monitor settings, diagnose),
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,32 @@ def test_diagnose_json_keeps_its_fields_and_adds_strength(tmp_path, capsys):
     assert collapse["strength"] > 0 and collapse["max_strength"] >= collapse["strength"]
     assert collapse["sustained_step"] >= collapse["step"] and collapse["reference"] == pytest.approx(1000.0)
     assert "strength" in capsys.readouterr().out  # the table says how strong, and whether it was sustained
+
+
+def test_the_monitor_takes_the_runs_length_cap_from_openrlhfs_args(tmp_path, monkeypatch):
+    """--rollout.max_new_tokens is the cap the truncation rule needs: with it, a length drop the truncated share
+    explains is a truncation drop; without it (and no max-length metric logged), the same drop is a collapse."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the trainer helpers of test_hooks_monitor
+    from test_hooks_monitor import drive, make_trainer, openrlhf_args, tensorboard_scalars
+
+    from openrlhf_bai.integration import hooks, worker
+    from openrlhf_bai.integration.monitor import CONFIG_ENV
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    worker.install_hooks()
+    try:
+        rows = []
+        for step in range(1, 41):  # half the responses cut at 8192 tokens, then 2 %; the others keep ~3000
+            share = 0.5 if step < 20 else 0.02
+            rows.append({"rollout/response_length_mean": share * 8192 + (1 - share) * 3000 * (1 + 0.02 * (step % 3)),
+                         "rollout/truncated_rate": share, "rollout/reward_mean": 0.5, "policy_loss": 0.01})
+        found = {}
+        for name, cap in (("with-cap", 8192), ("without-cap", None)):
+            args = openrlhf_args(tmp_path, run_name=name, **{"rollout.max_new_tokens": cap})
+            drive(make_trainer(args), rows)
+            tb = tensorboard_scalars(args)
+            found[name] = {key: max(tb[f"train/bai/{key}"].values()) for key in ("truncation_drop", "length_collapse")}
+        assert found == {"with-cap": {"truncation_drop": 1.0, "length_collapse": 0.0},
+                         "without-cap": {"truncation_drop": 0.0, "length_collapse": 1.0}}
+    finally:
+        del hooks.CALLBACKS[1:]
