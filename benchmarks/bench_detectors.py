@@ -131,7 +131,8 @@ def pelt(curve: dict, th: Thresholds) -> dict:
         signal = np.array([v for _, v in points])
         noise = np.median(np.abs(np.diff(signal))) * 1.4826 / math.sqrt(2) or 1e-3 * (abs(signal[0]) + 1)
         # BIC-style penalty on the series' own noise: a change must pay for itself.
-        breaks = ruptures.Pelt(model="l2", min_size=2, jump=1).fit(signal).predict(pen=3 * math.log(len(signal)) * noise ** 2)
+        penalty = 3 * math.log(len(signal)) * noise ** 2
+        breaks = ruptures.Pelt(model="l2", min_size=2, jump=1).fit(signal).predict(pen=penalty)
         bounds = [0, *breaks]
         for before, start, end in zip(bounds, bounds[1:], bounds[2:]):
             level, after = signal[before:start].mean(), signal[start:end].mean()
@@ -226,7 +227,8 @@ def fmt(value, spec="g") -> str:
 def table(title: str, groups: dict[str, list[dict]]) -> None:
     print(f"\n{title}")
     print("| contender | runs | events | hits | late | early | misses | too short | false alarms "
-          "| healthy runs with a false alarm | misses + false alarms + late/early | median / worst delay (log points) |")
+          "| healthy runs with a false alarm | misses + false alarms + late/early "
+          "| median / worst delay (log points) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, rows in groups.items():
         s = summarize(rows)
@@ -267,7 +269,8 @@ def main(argv=None) -> int:
     print("LOSO thresholds chosen per held-out source (on the other sources' real runs): "
           + "; ".join(f"{source}: {values}" for source, values in chosen.items()))
 
-    order = ["openrlhf-bai (defaults)", "openrlhf-bai (LOSO)", *[m for m in contenders if m != "openrlhf-bai (defaults)"]]
+    order = ["openrlhf-bai (defaults)", "openrlhf-bai (LOSO)",
+             *[m for m in contenders if m != "openrlhf-bai (defaults)"]]
     table("Real runs, all sources (every event a contender covers)",
           {m: [o for o in results[m] if o["origin"] == "real"] for m in order})
     for source in sources:
@@ -291,7 +294,8 @@ def main(argv=None) -> int:
                       + (f" at {o['step']}" if o.get("step") is not None else "")
                       + (f", {o['delay_points']} log points from the onset" if "delay_points" in o else ""))
     median_us, p99_us = monitor_cost_us(real + synthetic, th)
-    print(f"\nLive monitor's detector cost per step (observe + state copy): median {median_us:.0f} us, p99 {p99_us:.0f} us")
+    print(f"\nLive monitor's detector cost per step (observe + state copy): median {median_us:.0f} us, "
+          f"p99 {p99_us:.0f} us")
     if args.json:
         Path(args.json).write_text(json.dumps({"loso_thresholds": chosen, "outcomes": results,
                                                "cost_us": {"median": median_us, "p99": p99_us}}, indent=1))

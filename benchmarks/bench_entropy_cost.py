@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     # The fastest of each: on a shared machine the slow runs measure the neighbours.
     plain_ms, with_ms = 1e3 * min(plain), 1e3 * min(t for t, _ in timed)
     logits_mb = args.tokens * args.vocab * 4 / 2**20
-    print(f"{args.tokens} tokens x {args.vocab} vocabulary, fp32 logits {logits_mb:.0f} MiB, torch {torch.__version__}, "
+    print(f"{args.tokens} tokens x {args.vocab} vocabulary, fp32 logits {logits_mb:.0f} MiB, "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"log-probs forward+backward: {plain_ms:.1f} ms; with compute_entropy: {with_ms:.1f} ms "
           f"(+{with_ms - plain_ms:.1f} ms, x{with_ms / plain_ms:.2f})")

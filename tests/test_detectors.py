@@ -64,7 +64,7 @@ def test_the_reference_window_is_counted_in_steps_so_a_slow_decline_is_no_collap
 
 def test_run_resumed_at_step_500_logging_every_10_steps_works_like_one_from_the_start():
     rng = random.Random(1)
-    lengths = [1000.0 * (1 + rng.gauss(0, 0.03)) for _ in range(10)] + [300.0 * (1 + rng.gauss(0, 0.03)) for _ in range(10)]
+    lengths = [(1000.0 if i < 10 else 300.0) * (1 + rng.gauss(0, 0.03)) for i in range(20)]
     start = analyze(rows_of(lengths, [0.5] * 20))[0]["length_collapse"]
     resumed = analyze(rows_of(lengths, [0.5] * 20, first_step=500, every=10))[0]["length_collapse"]
     assert start["detected"] and resumed["detected"]
@@ -262,7 +262,7 @@ def test_a_collapse_below_the_cap_with_a_falling_truncated_share_is_a_collapse()
 
 def test_older_metric_names_give_the_same_verdict():
     rng = random.Random(6)
-    lengths = [900.0 * (1 + rng.gauss(0, 0.03)) for _ in range(15)] + [200.0 * (1 + rng.gauss(0, 0.03)) for _ in range(15)]
+    lengths = [(900.0 if i < 15 else 200.0) * (1 + rng.gauss(0, 0.03)) for i in range(30)]
     rewards = [0.5 + rng.gauss(0, 0.03) for _ in range(15)] + [-1.0 + rng.gauss(0, 0.03) for _ in range(15)]
     new = analyze(rows_of(lengths, rewards))[0]
     old_rows = [(s, {"response_length": m[LENGTH], "reward": m[REWARD]}) for s, m in rows_of(lengths, rewards)]
@@ -301,7 +301,7 @@ def test_a_state_saved_by_0_2_keeps_its_reference_and_what_it_raised():
 
 def test_thresholds_change_the_verdict_and_renamed_ones_are_refused_naming_their_replacement():
     rng = random.Random(9)
-    lengths = [1000.0 * (1 + rng.gauss(0, 0.02)) for _ in range(20)] + [550.0 * (1 + rng.gauss(0, 0.02)) for _ in range(20)]
+    lengths = [(1000.0 if i < 20 else 550.0) * (1 + rng.gauss(0, 0.02)) for i in range(40)]
     rows = rows_of(lengths, [0.5] * 40)
     with pytest.raises(BAIError, match="--bai.collapse_ratio must be in"):
         make_thresholds({"collapse_ratio": 1.5})

@@ -64,7 +64,8 @@ def parse_args(argv):
     for name in RENAMED:
         if getattr(args, f"renamed_{name}") is not None:
             # One line, no usage: the option exists no more, and the line says what replaced it.
-            parser.exit(2, f"{parser.prog}: error: {renamed_message(name, flag=lambda k: '--' + k.replace('_', '-'))}\n")
+            message = renamed_message(name, flag=lambda key: "--" + key.replace("_", "-"))
+            parser.exit(2, f"{parser.prog}: error: {message}\n")
     if args.max_response_length is not None and args.max_response_length < 1:
         parser.error("--max-response-length must be >= 1")
     args.fail_on = [name.strip() for name in args.fail_on.split(",") if name.strip()]

@@ -3,7 +3,8 @@
 A curve is a dict: name, origin ("real" or "synthetic"), source (where it came from: the repository for a real
 run), rows [(step, metrics)], logging_steps, cap (the run's response-length limit, when known) and a label per
 event of EVENTS, {"present": bool, "onset": step or None} (for the hockey stick also "recovery"). A hockey stick
-is a sustained fall of the reward, recovered or not (the corpus README's rule; the recovery is recorded). The onset is the first
+is a sustained fall of the reward, recovered or not (the corpus README's rule; the recovery is recorded).
+The onset is the first
 log point at which the event has reached the size that makes it one: length below about 60 % of where it was, the
 first point of a reward drop, entropy below about 30 %, KL several times its level; recovery is the first point
 back at the reward's level before the drop.
@@ -142,7 +143,8 @@ def synthetic_curves(seed: int = 0) -> list[dict]:
         _label())
     # 8 completions a step (rewards in eighths): the reward's level falls by half at step 100 and stays down.
     add("reward-halves-and-stays-batch-8", range(1, 251), lambda s: {
-        LENGTH: 700 * (1 + gauss(0, 0.05)), REWARD: binomial(0.6 if s < 100 else 0.3, 8)}, _label(hockey_stick=(100, None)))
+        LENGTH: 700 * (1 + gauss(0, 0.05)), REWARD: binomial(0.6 if s < 100 else 0.3, 8)},
+        _label(hockey_stick=(100, None)))
     # KL already thousands of nats at the first log point (a broken reference model): a blow-up from the start.
     add("kl-thousands-of-nats-from-the-start", range(1, 61), lambda s: {
         LENGTH: 800 * (1 + gauss(0, 0.04)), REWARD: 0.3 + gauss(0, 0.02), KL: 2500 * (1 + gauss(0, 0.2))},
@@ -202,7 +204,8 @@ def score(curve: dict, detections: dict, patience: int) -> dict:
         elif not label["present"]:
             result[name] = {"outcome": "false alarm", "step": step}
         else:
-            points = sum(1 for s in steps if label["onset"] < s <= step) - sum(1 for s in steps if step < s <= label["onset"])
+            points = (sum(1 for s in steps if label["onset"] < s <= step)
+                      - sum(1 for s in steps if step < s <= label["onset"]))
             outcome = "hit" if abs(points) <= patience + 1 else "late" if points > 0 else "early"
             result[name] = {"outcome": outcome, "step": step, "delay_steps": step - label["onset"],
                             "delay_points": points}
@@ -212,6 +215,8 @@ def score(curve: dict, detections: dict, patience: int) -> dict:
 def detections(verdict: dict) -> dict:
     """What a verdict (detectors.verdict) raised, per event of EVENTS, as the step it was raised at (or None): a
     hockey stick is raised at its drop, recovered or not."""
-    return {"length_collapse": verdict["length_collapse"]["step"], "truncation_drop": verdict["truncation_drop"]["step"],
-            "hockey_stick": verdict["hockey_stick"]["drop_step"], "entropy_collapse": verdict["entropy_collapse"]["step"],
+    return {"length_collapse": verdict["length_collapse"]["step"],
+            "truncation_drop": verdict["truncation_drop"]["step"],
+            "hockey_stick": verdict["hockey_stick"]["drop_step"],
+            "entropy_collapse": verdict["entropy_collapse"]["step"],
             "kl_blowup": verdict["kl_blowup"]["step"]}

@@ -315,7 +315,8 @@ def _fall(ratio_limit: float, lv: Level, th: Thresholds) -> tuple[float, float, 
     if lv.ref is None:
         return -math.inf, math.nan, False
     log_limit = math.log(ratio_limit)
-    strength = min((log_limit - (lv.short - lv.ref)) / lv.noise_short, (lv.ref - lv.long) / lv.noise_long - th.noise_units)
+    strength = min((log_limit - (lv.short - lv.ref)) / lv.noise_short,
+                   (lv.ref - lv.long) / lv.noise_long - th.noise_units)
     return strength, math.exp(lv.short - lv.ref), lv.short - lv.ref < log_limit
 
 
@@ -362,7 +363,8 @@ def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[
         return -math.inf, math.nan, False
     size = th.reward_drop * abs(lv.ref)
     drawdown = (lv.ref - lv.long) / lv.noise_long
-    return min((lv.ref - lv.short - size) / lv.noise_short, drawdown - th.noise_units), drawdown, lv.ref - lv.short > size
+    strength = min((lv.ref - lv.short - size) / lv.noise_short, drawdown - th.noise_units)
+    return strength, drawdown, lv.ref - lv.short > size
 
 
 def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
@@ -466,8 +468,8 @@ def upgrade_state(old: dict, th: Thresholds = Thresholds()) -> dict | None:
         if name in state["signals"]:
             points = [[int(s), float(v)] for s, v in track.get("window", [])]
             log = name in LOG_SIGNALS  # the differences again, in the units now judged (0.2 kept raw ones)
-            state["signals"][name].update(points=points, diffs=[
-                abs(_to(log, b[1]) - _to(log, a[1])) for a, b in zip(points, points[1:]) if a[1] != b[1]][-NOISE_DIFFS:])
+            diffs = [abs(_to(log, b[1]) - _to(log, a[1])) for a, b in zip(points, points[1:]) if a[1] != b[1]]
+            state["signals"][name].update(points=points, diffs=diffs[-NOISE_DIFFS:])
     for name in DETECTORS:
         step = (old.get(name) or {}).get("step")
         if step is not None:
@@ -516,7 +518,8 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
             found["run"], found["weakest"] = 0, None
         if held and found["run"] >= (th.patience if detector.hold else 1) and found["step"] is None:
             found.update(step=step, strength=strength, reference=lv.reference)
-            values = {"level": lv.value, "reference": lv.reference, "strength": strength, _measure_name(detector): measure}
+            values = {"level": lv.value, "reference": lv.reference, "strength": strength,
+                      detector.measure.removeprefix("bai/"): measure}
             if detector.signal == "length" and "truncation" in levels:
                 found.update(levels["truncation"])
                 values.update(levels["truncation"])
@@ -529,7 +532,8 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
             found["sustained"] = step
             _event(state, detector.name, step, f"{detector.name.replace('_', ' ')} (raised at step {found['step']}) "
                    f"sustained: held {found['run']} log points, each at least {th.action_strength:g} noise units past "
-                   f"the threshold (--bai.action_strength)", {"strength": min(found["weakest"]), "raised_step": found["step"]},
+                   "the threshold (--bai.action_strength)",
+                   {"strength": min(found["weakest"]), "raised_step": found["step"]},
                    alarm=False, sustained=True)
         if detector.name == "hockey_stick":
             _recovery(state, found, lv, step, th)
@@ -543,10 +547,6 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
     if found["hockey_stick"]["recovery_steps"] is not None:
         out["bai/reward_recovery_steps"] = float(found["hockey_stick"]["recovery_steps"])
     return out
-
-
-def _measure_name(detector: Detector) -> str:
-    return detector.measure.removeprefix("bai/")
 
 
 def _track_extreme(detector: Detector, found: dict, lv: Level, measure: float) -> None:

@@ -160,7 +160,8 @@ def alert(trainer, config: dict, event: dict, action: str) -> None:
     """One detection to the outside: wandb's alert on OpenRLHF's wandb run, and a POST to --bai.alert_url."""
     args = trainer.args
     run_name = getattr(getattr(getattr(args, "logger", None), "wandb", None), "run_name", None)
-    consequence = CONSEQUENCE[action] if action == "warn" or event.get("sustained") else f"{action} once it is sustained"
+    sustained = action == "warn" or event.get("sustained")
+    consequence = CONSEQUENCE[action] if sustained else f"{action} once it is sustained"
     text = f"[openrlhf-bai] {run_name or args.ckpt.path}, step {event['step']}: {event['message']}; " \
            f"--bai.on_collapse {action}: {consequence}"
     wandb_logger = getattr(trainer, "wandb_logger", None)
