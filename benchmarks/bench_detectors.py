@@ -1,41 +1,55 @@
-"""The detectors as classifiers: every labeled curve of the corpus through them, against two references.
+"""The detectors as classifiers, scored leave-one-source-out on real runs, against the best simple rules.
 
 Corpus (openrlhf_bai.diagnostics.corpus): the real published runs under tests/data/curves (provenance and labels
-beside each) and the seeded synthetic curves, --seeds times over. Contenders, on the same curves:
-- openrlhf-bai: detectors.analyze with the default Thresholds (what the monitor and `diagnose` run);
-- plain threshold: the same limits on the raw values against the first logged value, no smoothing, no patience
-  (length < collapse_ratio x first; reward < first - hockey_drawdown x the std of the first 5 points; entropy <
-  entropy_ratio x first; KL > kl_factor x max(first, kl_floor));
+beside each; a run's *source* is its label's "source", else its repository) and, reported apart, the seeded
+synthetic shapes (--seeds times over). Contenders, on the same curves:
+- openrlhf-bai (defaults): detectors.analyze with the default Thresholds, fixed a priori (see docs: chosen on the
+  runs the corpus held when they were set), what the monitor and `diagnose` run;
+- openrlhf-bai, save/stop (sustained): the same run, scored where --bai.on_collapse save/stop act (a detection held
+  at patience points in a row, each action_strength noise units past its threshold);
+- openrlhf-bai (LOSO): for each source, the thresholds of GRID that do best (fewest misses + false alarms + late,
+  ties to the defaults) on the real runs of every OTHER source, then scored on that source;
+- rolling median: the ten-line rule of issue 15, a median of the last 20 steps against the median of the first
+  20 steps for 3 log points in a row: length below 0.6; reward fallen by half of |first| (a hockey stick's drop);
+  entropy below 0.2; KL above max(10 x first, 0.5 nats) or 1 nat;
+- plain threshold: the same limits on the raw values against the first logged value, no window, no patience;
 - PELT (ruptures 1.1.10, offline: it sees the whole curve): the first change point after which the segment mean
-  has fallen (risen, for KL) past the same limits against the segment before it;
+  is past the same limits against the segment before it;
 - rlwatch 0.5.1 (its EntropyCollapseDetector and KLExplosionDetector with their defaults; it has no length or
-  reward-drop detector), a critical alert counting as the detection.
-ruptures and rlwatch are benchmark-only: installed (pinned) into a cache folder on first use.
+  reward detector), a critical alert counting as the detection.
+Only the events a contender covers are scored for it (truncation_drop: ours only). ruptures and rlwatch are
+benchmark-only: installed (pinned) into a cache folder on first use, never into the project's environment.
 
-    python benchmarks/bench_detectors.py [--seeds 10] [--json FILE]
+    python benchmarks/bench_detectors.py [--seeds 10] [--json FILE] [--skip-references]
 """
 
 from __future__ import annotations
 
 import argparse
-import pickle
+import itertools
 import json
 import math
 import os
+import pickle
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from openrlhf_bai.diagnostics.corpus import real_curves, score, synthetic_curves
-from openrlhf_bai.diagnostics.detectors import DETECTORS, SIGNAL_KEYS, Thresholds, analyze, first_value, new_state, observe
+from openrlhf_bai.diagnostics.corpus import EVENTS, detections, real_curves, score, synthetic_curves
+from openrlhf_bai.diagnostics.detectors import SIGNAL_KEYS, Thresholds, analyze, first_value, new_state, observe
 
 REPO = Path(__file__).resolve().parents[1]
 DEPS = Path(os.environ.get("OPENRLHF_BAI_ENV_CACHE", Path.home() / ".cache" / "openrlhf-bai")) / "bench-detectors-deps"
 PINS = ("ruptures==1.1.10", "rlwatch==0.5.1", "scipy==1.16.3")
 SIGNAL_OF = {"length_collapse": "length", "truncation_drop": "length", "hockey_stick": "reward",
              "entropy_collapse": "entropy", "kl_blowup": "kl"}
+SIMPLE = ("length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup")
+GRID = {"noise_units": (2.0, 3.0, 4.0), "collapse_ratio": (0.5, 0.6, 0.7), "entropy_ratio": (0.15, 0.2, 0.25),
+        "reward_drop": (0.3, 0.5)}
 
 
 def ensure_deps() -> None:
@@ -53,31 +67,54 @@ def series(curve: dict, signal: str) -> list[tuple[int, float]]:
 
 
 def ours(curve: dict, th: Thresholds) -> dict:
-    v, _ = analyze(curve["rows"], th)
-    return {"length_collapse": v["length_collapse"]["step"], "truncation_drop": v["truncation_drop"]["step"],
-            "hockey_stick": v["hockey_stick"]["drop_step"], "entropy_collapse": v["entropy_collapse"]["step"],
-            "kl_blowup": v["kl_blowup"]["step"]}
+    return detections(analyze(curve["rows"], th, cap=curve.get("cap"))[0])
 
 
-def crossed(name: str, value: float, first: float, spread: float, th: Thresholds) -> bool:
-    """The limit of each detector against a plain level (`first`), for both references."""
+def ours_sustained(curve: dict, th: Thresholds) -> dict:
+    """Where --bai.on_collapse save/stop would act: each detection's sustained step."""
+    verdict = analyze(curve["rows"], th, cap=curve.get("cap"))[0]
+    return {name: verdict[name]["sustained_step"] for name in detections(verdict)}
+
+
+# ------------------------------------------------------------------------------------------- the references
+
+
+def past(name: str, value: float, first: float, spread: float = 0.0) -> bool:
+    """Each simple rule's limit on a level (`value`) against the level it started from (`first`)."""
     if name == "length_collapse":
-        return first > 0 and value < th.collapse_ratio * first
+        return first > 0 and value < 0.6 * first
     if name == "hockey_stick":
-        return value < first - th.hockey_drawdown * spread
+        return first - value > max(0.5 * abs(first), 3 * spread)
     if name == "entropy_collapse":
-        return first > 0 and value < th.entropy_ratio * first
-    return value > th.kl_factor * max(first, th.kl_floor)
+        return first > 0 and value < 0.2 * first
+    return value > 1.0 or value > max(10 * first, 0.5)
+
+
+def rolling_median(curve: dict, th: Thresholds) -> dict:
+    found = {}
+    for name in SIMPLE:
+        points, found[name] = series(curve, SIGNAL_OF[name]), None
+        if not points:
+            continue
+        first = statistics.median(v for s, v in points if s < points[0][0] + 20)
+        run = 0
+        for i, (step, _) in enumerate(points):
+            last = statistics.median(v for s, v in points[: i + 1] if s > step - 20)
+            run = run + 1 if past(name, last, first) else 0
+            if run >= 3:
+                found[name] = step
+                break
+    return found
 
 
 def plain_threshold(curve: dict, th: Thresholds) -> dict:
     found = {}
-    for name in ("length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup"):
+    for name in SIMPLE:
         points = series(curve, SIGNAL_OF[name])
         first = points[0][1] if points else 0.0
         head = [v for _, v in points[:5]]
-        spread = max(statistics.stdev(head) if len(head) > 1 else 0.0, 1e-3 * (abs(first) + 1))
-        found[name] = next((s for s, v in points if crossed(name, v, first, spread, th)), None)
+        spread = statistics.stdev(head) if len(head) > 1 else 0.0
+        found[name] = next((s for s, v in points if past(name, v, first, spread)), None)
     return found
 
 
@@ -86,20 +123,20 @@ def pelt(curve: dict, th: Thresholds) -> dict:
     import ruptures
 
     found = {}
-    for name in ("length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup"):
-        points = series(curve, SIGNAL_OF[name])
-        found[name] = None
+    for name in SIMPLE:
+        points, found[name] = series(curve, SIGNAL_OF[name]), None
         if len(points) < 4:
             continue
         steps = [s for s, _ in points]
         signal = np.array([v for _, v in points])
         noise = np.median(np.abs(np.diff(signal))) * 1.4826 / math.sqrt(2) or 1e-3 * (abs(signal[0]) + 1)
         # BIC-style penalty on the series' own noise: a change must pay for itself.
-        breaks = ruptures.Pelt(model="l2", min_size=2, jump=1).fit(signal).predict(pen=3 * math.log(len(signal)) * noise ** 2)
+        penalty = 3 * math.log(len(signal)) * noise ** 2
+        breaks = ruptures.Pelt(model="l2", min_size=2, jump=1).fit(signal).predict(pen=penalty)
         bounds = [0, *breaks]
         for before, start, end in zip(bounds, bounds[1:], bounds[2:]):
             level, after = signal[before:start].mean(), signal[start:end].mean()
-            if crossed(name, after, level, noise, th):
+            if past(name, after, level, noise):
                 found[name] = steps[start]
                 break
     return found
@@ -109,7 +146,7 @@ def rlwatch(curve: dict, th: Thresholds) -> dict:
     from rlwatch.config import EntropyCollapseConfig, KLExplosionConfig
     from rlwatch.detectors import EntropyCollapseDetector, KLExplosionDetector
 
-    found = {"length_collapse": None, "hockey_stick": None}
+    found = {}
     for name, detector in (("entropy_collapse", EntropyCollapseDetector(EntropyCollapseConfig())),
                            ("kl_blowup", KLExplosionDetector(KLExplosionConfig()))):
         found[name] = None
@@ -121,21 +158,51 @@ def rlwatch(curve: dict, th: Thresholds) -> dict:
     return found
 
 
-def summarize(outcomes: list[dict], detectors) -> dict:
-    rows = [o for o in outcomes if o["detector"] in detectors]
+# ------------------------------------------------------------------------------------------------ scoring
+
+WRONG = ("miss", "false alarm", "late", "early")
+
+
+def outcomes_of(curves: list[dict], found: dict, th: Thresholds) -> list[dict]:
+    """Per curve and event its outcome; `found` maps curve name -> detections (events a contender covers)."""
+    rows = []
+    for curve in curves:
+        for name, result in score(curve, found[curve["name"]], th.patience).items():
+            rows.append({"curve": curve["name"], "source": curve["source"], "origin": curve["origin"], "event": name,
+                         **result})
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
     hits = [o for o in rows if o["outcome"] == "hit"]
+    count = lambda outcome: sum(o["outcome"] == outcome for o in rows)  # noqa: E731
     return {
-        "events": sum(o["outcome"] in ("hit", "miss", "early", "too short") for o in rows),
-        "hits": len(hits),
-        "misses": sum(o["outcome"] == "miss" for o in rows),
-        "too_short": sum(o["outcome"] == "too short" for o in rows),
-        "early": sum(o["outcome"] == "early" for o in rows),
-        "false_alarms": sum(o["outcome"] == "false alarm" for o in rows),
-        "median_delay_steps": statistics.median(o["delay_steps"] for o in hits) if hits else None,
-        "worst_delay_steps": max(o["delay_steps"] for o in hits) if hits else None,
+        "runs": len({o["curve"] for o in rows}),
+        "events": sum(o["outcome"] in ("hit", "miss", "late", "early", "too short") for o in rows),
+        "hits": len(hits), "late": count("late"), "early": count("early"), "misses": count("miss"),
+        "too_short": count("too short"), "false_alarms": count("false alarm"),
+        "healthy_runs_with_false_alarm": len({o["curve"] for o in rows if o["outcome"] == "false alarm"}),
         "median_delay_points": statistics.median(o["delay_points"] for o in hits) if hits else None,
         "worst_delay_points": max(o["delay_points"] for o in hits) if hits else None,
     }
+
+
+def cost(rows: list[dict]) -> int:
+    return sum(o["outcome"] in WRONG for o in rows)
+
+
+def loso(real: list[dict], th: Thresholds) -> tuple[dict, dict]:
+    """Per source: the GRID thresholds chosen on the other sources' runs; the detections on this source with them."""
+    combos = [replace(th, **dict(zip(GRID, values))) for values in itertools.product(*GRID.values())]
+    found = {c: {curve["name"]: ours(curve, c) for curve in real} for c in combos}
+    chosen, detected = {}, {}
+    for source in sorted({curve["source"] for curve in real}):
+        train = [curve for curve in real if curve["source"] != source]
+        distance = lambda c: sum(abs(getattr(c, k) - getattr(th, k)) / getattr(th, k) for k in GRID)  # noqa: E731
+        best = min(combos, key=lambda c: (cost(outcomes_of(train, found[c], c)), distance(c)))
+        chosen[source] = {k: getattr(best, k) for k in GRID}
+        detected.update({curve["name"]: found[best][curve["name"]] for curve in real if curve["source"] == source})
+    return chosen, detected
 
 
 def monitor_cost_us(curves: list[dict], th: Thresholds) -> tuple[float, float]:
@@ -143,7 +210,7 @@ def monitor_cost_us(curves: list[dict], th: Thresholds) -> tuple[float, float]:
     client_states (the JSONL line and the loggers are OpenRLHF's own I/O, measured in bench_monitor)."""
     times = []
     for curve in curves:
-        state = new_state()
+        state = new_state(curve.get("cap"))
         for step, metrics in curve["rows"]:
             t0 = time.perf_counter()
             observe(state, step, metrics, th)
@@ -153,76 +220,84 @@ def monitor_cost_us(curves: list[dict], th: Thresholds) -> tuple[float, float]:
     return 1e6 * statistics.median(times), 1e6 * times[int(0.99 * (len(times) - 1))]
 
 
-def fmt(value, spec=".0f") -> str:
+def fmt(value, spec="g") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def table(title: str, groups: dict[str, list[dict]]) -> None:
+    print(f"\n{title}")
+    print("| contender | runs | events | hits | late | early | misses | too short | false alarms "
+          "| healthy runs with a false alarm | misses + false alarms + late/early "
+          "| median / worst delay (log points) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, rows in groups.items():
+        s = summarize(rows)
+        print(f"| {label} | {s['runs']} | {s['events']} | {s['hits']} | {s['late']} | {s['early']} | {s['misses']} "
+              f"| {s['too_short']} | {s['false_alarms']} | {s['healthy_runs_with_false_alarm']} | {cost(rows)} "
+              f"| {fmt(s['median_delay_points'])} / {fmt(s['worst_delay_points'])} |")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10, help="synthetic curves are drawn this many times")
     parser.add_argument("--json", metavar="FILE")
-    parser.add_argument("--skip-references", action="store_true", help="ours only (no ruptures / rlwatch)")
+    parser.add_argument("--skip-references", action="store_true", help="no PELT / rlwatch (no install)")
     args = parser.parse_args(argv)
     th = Thresholds()
 
     real = real_curves(REPO / "tests" / "data" / "curves")
-    synthetic = [curve for seed in range(args.seeds) for curve in synthetic_curves(seed)]
-    contenders = {"openrlhf-bai": ours, "plain threshold": plain_threshold}
+    synthetic = [dict(curve, name=f"{curve['name']}#{seed}") for seed in range(args.seeds)
+                 for curve in synthetic_curves(seed)]
+    contenders = {"openrlhf-bai (defaults)": ours, "openrlhf-bai, save/stop (sustained)": ours_sustained,
+                  "rolling median (issue 15)": rolling_median, "plain threshold": plain_threshold}
     if not args.skip_references:
         ensure_deps()
         contenders.update({"PELT (ruptures, offline)": pelt, "rlwatch 0.5.1": rlwatch})
 
-    results = {}
-    for method, detect in contenders.items():
-        outcomes = []
-        for curve in real + synthetic:
-            for name, result in score(curve, detect(curve, th), th.patience).items():
-                covered = method != "rlwatch 0.5.1" or name in ("entropy_collapse", "kl_blowup")
-                if covered and (method == "openrlhf-bai" or name != "truncation_drop"):
-                    outcomes.append({"curve": curve["name"], "origin": curve["origin"], "detector": name, **result})
-        results[method] = outcomes
+    found = {method: {curve["name"]: detect(curve, th) for curve in real + synthetic}
+             for method, detect in contenders.items()}
+    chosen, loso_found = loso(real, th)
+    results = {method: outcomes_of(real + synthetic, found[method], th) for method in contenders}
+    results["openrlhf-bai (LOSO)"] = outcomes_of(real, loso_found, th)
+    sources = sorted({curve["source"] for curve in real})
 
-    print(f"Corpus: {len(real)} real runs (tests/data/curves), {len(synthetic) // max(args.seeds, 1)} synthetic "
-          f"shapes x {args.seeds} seeds. Defaults: {th}\n")
-    print("Real runs, per curve (openrlhf-bai): detection step / labeled onset")
-    print("| run | format | points | length collapse | hockey stick | entropy collapse | KL blow-up |")
-    print("|---|---|---|---|---|---|---|")
-    for curve in real:
-        found = ours(curve, th)
-        cells = []
-        for name in ("length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup"):
-            label = curve["label"][name]
-            if not series(curve, SIGNAL_OF[name]):
-                cells.append("not logged")
-                continue
-            got = found[name] if name != "length_collapse" or found[name] else found["truncation_drop"]
-            cells.append(f"{fmt(got)} / {fmt(label['onset']) if label['present'] else 'none'}")
-        print(f"| {curve['name']} | {curve['kind']} | {len(curve['rows'])} | " + " | ".join(cells) + " |")
+    print(f"{len(real)} real runs from {len(sources)} sources (tests/data/curves); "
+          f"{len(synthetic) // max(args.seeds, 1)} synthetic shapes x {args.seeds} seeds")
+    print(f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"Defaults: {asdict(th)}")
+    print("LOSO thresholds chosen per held-out source (on the other sources' real runs): "
+          + "; ".join(f"{source}: {values}" for source, values in chosen.items()))
 
-    print("\nAll curves, per contender and detector (delays after the labeled onset)")
-    print("| contender | detector | events | hits | early | misses | too short | false alarms "
-          "| median / worst delay (steps) | median / worst delay (log points) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    summary = {}
-    for method, outcomes in results.items():
-        names = ["all", *dict.fromkeys(o["detector"] for o in outcomes)]
-        for name in names:
-            s = summarize(outcomes, DETECTORS if name == "all" else (name,))
-            summary[f"{method}/{name}"] = s
-            print(f"| {method} | {name} | {s['events']} | {s['hits']} | {s['early']} | {s['misses']} | {s['too_short']} | "
-                  f"{s['false_alarms']} | "
-                  f"{fmt(s['median_delay_steps'], 'g')} / {fmt(s['worst_delay_steps'], 'g')} | "
-                  f"{fmt(s['median_delay_points'], 'g')} / {fmt(s['worst_delay_points'], 'g')} |")
+    order = ["openrlhf-bai (defaults)", "openrlhf-bai (LOSO)",
+             *[m for m in contenders if m != "openrlhf-bai (defaults)"]]
+    table("Real runs, all sources (every event a contender covers)",
+          {m: [o for o in results[m] if o["origin"] == "real"] for m in order})
+    for source in sources:
+        table(f"Real runs of {source}", {m: [o for o in results[m] if o["source"] == source] for m in order})
+    table(f"Synthetic shapes x {args.seeds} seeds (reported apart: made by us)",
+          {m: [o for o in results[m] if o["origin"] == "synthetic"] for m in order if m != "openrlhf-bai (LOSO)"})
 
-    wrong = [o for o in results["openrlhf-bai"] if o["outcome"] in ("miss", "false alarm", "early", "too short")]
-    late = [o for o in results["openrlhf-bai"] if o.get("delay_points", 0) > th.patience + 1]
-    for o in wrong + late:
-        print(f"openrlhf-bai: {o['curve']} ({o['origin']}) {o['detector']}: {o['outcome']}"
-              + (f", {o['delay_points']} log points late" if o in late else ""))
+    print("\nReal runs, per event (openrlhf-bai defaults)")
+    print("| event | events | hits | late | early | misses | false alarms | median / worst delay (log points) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for event in EVENTS:
+        s = summarize([o for o in results["openrlhf-bai (defaults)"] if o["origin"] == "real" and o["event"] == event])
+        print(f"| {event} | {s['events']} | {s['hits']} | {s['late']} | {s['early']} | {s['misses']} | "
+              f"{s['false_alarms']} | {fmt(s['median_delay_points'])} / {fmt(s['worst_delay_points'])} |")
+
+    print()
+    for method in ("openrlhf-bai (defaults)", "openrlhf-bai (LOSO)", "rolling median (issue 15)"):
+        for o in results[method]:
+            if o["outcome"] in WRONG and (o["origin"] == "real" or method == "openrlhf-bai (defaults)"):
+                print(f"{method}: {o['curve']} ({o['origin']}) {o['event']}: {o['outcome']}"
+                      + (f" at {o['step']}" if o.get("step") is not None else "")
+                      + (f", {o['delay_points']} log points from the onset" if "delay_points" in o else ""))
     median_us, p99_us = monitor_cost_us(real + synthetic, th)
-    print(f"\nLive monitor's detector cost per step (observe + state copy): median {median_us:.0f} us, p99 {p99_us:.0f} us")
+    print(f"\nLive monitor's detector cost per step (observe + state copy): median {median_us:.0f} us, "
+          f"p99 {p99_us:.0f} us")
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "outcomes": results,
+        Path(args.json).write_text(json.dumps({"loso_thresholds": chosen, "outcomes": results,
                                                "cost_us": {"median": median_us, "p99": p99_us}}, indent=1))
     return 0
 

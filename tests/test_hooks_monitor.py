@@ -134,6 +134,21 @@ def first_alarm(tb) -> int:
                                  first_step_at_1(tb.get("train/bai/hockey_stick", {}))) if step is not None)
 
 
+def sustained_step(series: dict, patience: int = 3, strength: float = 1.0) -> int | None:
+    """The first step a detection's bai/<detector>_strength has been >= strength at patience steps in a row: where
+    --bai.on_collapse save/stop acts (strong and sustained)."""
+    steps = sorted(series)
+    return next((s for i, s in enumerate(steps) if i + 1 >= patience
+                 and all(series[t] >= strength for t in steps[i + 1 - patience:i + 1])), None)
+
+
+def first_action(tb, patience: int = 3) -> int:
+    """The first step save/stop acted on: the first sustained detection of either detector."""
+    return min(step for step in (sustained_step(tb.get("train/bai/length_collapse_strength", {}), patience),
+                                 sustained_step(tb.get("train/bai/hockey_stick_strength", {}), patience))
+               if step is not None)
+
+
 @pytest.fixture
 def hooked(monkeypatch):
     """The plugin's callbacks installed as in a trainer's process, in a registry that is restored after the test."""
@@ -196,7 +211,9 @@ def test_collapse_and_hockey_stick_reach_tensorboard_and_jsonl(tmp_path, hooked,
     assert hockey_step is not None and DROP_AT <= hockey_step <= DROP_AT + 4
     assert set(tb["train/bai/length_collapse_step"].values()) == {float(collapse_step)}
     assert tb["train/bai/response_length_ratio"][STEPS] == pytest.approx(0.35, abs=0.04)
-    assert max(tb["train/bai/reward_drawdown"].values()) > 20  # -1.0 against a 0.5 +- 0.01 baseline
+    assert max(tb["train/bai/reward_drawdown"].values()) > 10  # -1.0 against a 0.5 +- 0.01 baseline
+    assert tb["train/bai/length_collapse_strength"][collapse_step] > 0  # how far past the threshold, noise units
+    assert all(v < 0 for s, v in tb["train/bai/length_collapse_strength"].items() if s < DROP_AT)
     recovery = tb["train/bai/reward_recovery_steps"]
     assert min(recovery) > DROP_AT + 10 and len(set(recovery.values())) == 1  # the climb back takes ~15 steps
     assert all(tb["train/bai/length_collapse"][s] == 0 for s in range(1, DROP_AT))  # judged from the first step
@@ -207,9 +224,10 @@ def test_collapse_and_hockey_stick_reach_tensorboard_and_jsonl(tmp_path, hooked,
     assert rows[collapse_step - 1]["bai/length_collapse_step"] == collapse_step and LENGTH in rows[0]
 
     warnings = [r.getMessage() for r in monitor_log.records if r.levelname == "WARNING"]
-    assert len(warnings) == 2
+    assert len(warnings) == 2  # --bai.on_collapse warn: the raise is warned; being sustained changes nothing
     assert f"step {collapse_step}: sequence length collapse" in " ".join(warnings)
     assert f"step {hockey_step}: reward hockey stick" in " ".join(warnings)
+    assert all("noise units past the threshold" in w for w in warnings)
 
 
 def test_healthy_noisy_runs_stay_silent(tmp_path, hooked, monitor_log):
@@ -229,7 +247,7 @@ def test_entropy_collapse_and_kl_blowup_reach_tensorboard_and_a_healthy_noisy_en
     rng = random.Random(0)
     # OpenRLHF 0.11 logs the mean token entropy as entropy_loss (with --actor.entropy_coef, 0 included).
     collapsing = [{**row, "entropy_loss": (1.0 if step < 12 else 0.05) * (1 + rng.uniform(-0.03, 0.03)),
-                   "kl": 0.002 if step < 20 else 0.9}
+                   "kl": 0.002 if step < 20 else 1.5}
                   for step, row in enumerate(healthy_series(1), 1)]
     args = openrlhf_args(tmp_path, run_name="entropy")
     drive(make_trainer(args), collapsing)
@@ -254,7 +272,7 @@ def test_resumed_run_keeps_its_baseline_through_client_states(tmp_path, hooked):
 
     first = drive(make_trainer(openrlhf_args(tmp_path, run_name="first")), rows[:8])
     saved = json.loads(json.dumps(first[-1][1]))  # client_states as a checkpoint stores them
-    assert saved[STATE_KEY]["signals"]["length"]["window"]  # the reference it had reached
+    assert saved[STATE_KEY]["signals"]["length"]["points"]  # the values its reference is taken from
     resumed = make_trainer(openrlhf_args(tmp_path, run_name="resumed"))
     resumed.restore_best_checkpoint_state(saved)  # what PPOTrainer.fit does with the checkpoint's states
     second = drive(resumed, rows[8:], first_step=9)
@@ -267,17 +285,20 @@ def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, mon
     added = drive(make_trainer(args), collapsing_series())
     assert all(not a for a, _ in added) and not os.path.exists(os.path.join(args.ckpt.path, JSONL_NAME))
 
-    # A collapse_ratio below the collapsed length's ratio (~0.35) never fires; patience 1 fires the hockey stick sooner.
+    # A collapse_ratio below the collapsed length's ratio (~0.35) never fires; patience 1 judges the reward on its
+    # last point alone, so the hockey stick fires at the drop itself.
     monkeypatch.setenv(CONFIG_ENV, json.dumps({"collapse_ratio": 0.2, "patience": 1}))
     args = openrlhf_args(tmp_path, run_name="strict")
     drive(make_trainer(args), collapsing_series())
     tb = tensorboard_scalars(args)
     assert set(tb["train/bai/length_collapse"].values()) == {0.0}
-    assert first_step_at_1(tb["train/bai/hockey_stick"]) == DROP_AT
+    assert first_step_at_1(tb["train/bai/hockey_stick"]) in (DROP_AT, DROP_AT + 1)
 
     # Settings the monitor cannot use (the launcher refuses them; here they come straight from the environment):
     # reported, not raised, and the steps are logged without the monitor.
-    for bad, message in (({"smoothing": 0}, "--bai.smoothing must be in"), ("on", "must hold a JSON object")):
+    for bad, message in (({"collapse_ratio": 0}, "--bai.collapse_ratio must be in"),
+                         ({"smoothing": 0.5}, "--bai.smoothing was removed in 0.3: use --bai.patience"),
+                         ("on", "must hold a JSON object")):
         monkeypatch.setenv(CONFIG_ENV, json.dumps(bad) if isinstance(bad, dict) else bad)
         monitor_log.clear()
         args = openrlhf_args(tmp_path, run_name=f"bad-{bad}")
@@ -431,21 +452,25 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
     assert not collapsing["deepspeed_before"]
     assert collapsing["path"] == callback_path() and collapsing["wrapped"] == (callback_path() == "backport")
 
-    # on_collapse=stop from the runtime_env: the first detection's step is saved as an OpenRLHF checkpoint.
+    # on_collapse=stop from the runtime_env: the first detection that is strong and sustained is saved as an OpenRLHF
+    # checkpoint (patience steps in a row at least action_strength noise units past its threshold).
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "collapsing"))
-    first = first_alarm(tb)
-    assert DROP_AT <= first <= DROP_AT + 4
+    first = first_action(tb)
+    assert DROP_AT <= first_alarm(tb) < first <= DROP_AT + 6
     assert [tag for tag, _ in collapsing["saves"]] == [f"global_step{first}"]
-    assert collapsing["saves"][0][1][STATE_KEY]["length_collapse"]["baseline"] == pytest.approx(1000, rel=0.1)
+    assert collapsing["saves"][0][1][STATE_KEY]["detectors"]["length_collapse"]["reference"] == pytest.approx(1000,
+                                                                                                             rel=0.1)
     assert tb["train/user/steps_seen"][STEPS] == STEPS  # the user's entry-point callback, in the worker
 
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "healthy"))
     assert set(tb["train/bai/length_collapse"].values()) == {0.0} and set(tb["train/bai/hockey_stick"].values()) == {0.0}
     assert healthy["saves"] == []
 
-    # Without the variable, args.bai (a patched parser) is read: save, with patience 2, each detection saves once.
+    # Without the variable, args.bai (a patched parser) is read: save, with patience 2, each detection saves once,
+    # when it is sustained.
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "saving"))
-    steps = sorted({first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"])})
+    steps = sorted({sustained_step(tb["train/bai/length_collapse_strength"], 2),
+                    sustained_step(tb["train/bai/hockey_stick_strength"], 2)})
     assert [tag for tag, _ in saving["saves"]] == [f"global_step{s}" for s in steps]
 
 
@@ -453,8 +478,8 @@ def test_on_collapse_stop_ends_ppotrainer_fit_cleanly(tmp_path, ray_with_hooks):
     ray = ray_with_hooks
     result = ray.get(ray.remote(fit_in_worker).remote(tmp_path, collapsing_series()))
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "fit"))
-    stop = first_alarm(tb)
-    assert result["trained"] == list(range(1, stop + 1))  # no step after the one that fired
+    stop = first_action(tb)
+    assert result["trained"] == list(range(1, stop + 1))  # no step after the one that acted
     assert result["saves"] == [f"global_step{stop}"]
     assert result["generated"] == stop  # the loop ended at the stop, with prompts left, not by running out
     assert max(tb["train/rollout/reward_mean"]) == stop
@@ -570,9 +595,10 @@ def test_unwritable_ckpt_path_odd_values_and_failing_callbacks_never_stop_a_step
         assert set(tb[f"train/{key}"]) == every, key  # OpenRLHF's own metrics and the user's, at every step
     assert tb[f"train/{LENGTH}"][2] == pytest.approx(float(rows[1][LENGTH]))
     # The monitor's metrics still reach TensorBoard although its JSONL file cannot be written ...
-    assert set(tb["train/bai/response_length_ratio"]) == every
-    # ... and each detection still saves a checkpoint through OpenRLHF's own save code.
-    detected = sorted({first_step_at_1(tb["train/bai/length_collapse"]), first_step_at_1(tb["train/bai/hockey_stick"])})
+    assert set(tb["train/bai/length_collapse"]) == every
+    # ... and each sustained detection still saves a checkpoint through OpenRLHF's own save code.
+    detected = sorted({sustained_step(tb["train/bai/length_collapse_strength"]),
+                       sustained_step(tb["train/bai/hockey_stick_strength"])})
     assert [kw["tag"] for name, kw in group.calls if name == "save_checkpoint"] == [f"global_step{s}" for s in detected]
     # Three failures a step (the JSONL file, the buggy callback, the entry point that does not load), counted.
     assert tb["train/bai/monitor_errors"] == {s: 3.0 * s for s in every}
@@ -594,7 +620,7 @@ def test_values_the_detectors_cannot_read_are_skipped_not_failures(tmp_path, hoo
         row["samples"] = ["a", "b"]
     added = drive_without_tensorboard(make_trainer(args), rows)
     assert all("bai/monitor_errors" not in a for a in added)
-    assert [("bai/response_length_ratio" in a) for a in added] == [True] * 5 + [False] * 3  # the unreadable: none
+    assert [("bai/length_collapse" in a) for a in added] == [True] * 5 + [False] * 3  # the unreadable: none
     jsonl = [json.loads(line) for line in open(os.path.join(args.ckpt.path, JSONL_NAME))]
     assert [r["step"] for r in jsonl] == list(range(1, 9)) and LENGTH not in jsonl[6] and "samples" not in jsonl[6]
 

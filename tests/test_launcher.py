@@ -47,7 +47,8 @@ def test_merge_only_with_dotted_flags_rewrites_the_actor_and_passes_everything_e
     command = command_of(capsys)
     merged = command[command.index("--actor.model_name_or_path") + 1]
     assert command[:3] == [sys.executable, "-m", "openrlhf.cli.train_ppo_ray"]
-    assert command[3:] == ["--actor.model_name_or_path", merged, "--critic.model_name_or_path", merged, *openrlhf[3:]]
+    assert command[3:] == ["--actor.model_name_or_path", merged, "--critic.model_name_or_path", merged, *openrlhf[3:],
+                           "--actor.entropy_coef", "0"]  # --bai.entropy on (default): OpenRLHF logs entropy_loss
     assert Path(merged).parent == merges_dir()
     recipe = json.loads((Path(merged) / PROVENANCE).read_text())["recipe"]
     assert recipe["coefficients"] == pytest.approx([0.25, 0.375, 0.375])
@@ -62,7 +63,8 @@ def test_merge_only_with_the_flags_of_earlier_releases_and_the_dotted_actor_init
     assert main(["--actor.init", "bai", "--bai.base", str(llama_family["base"]), "--bai.output_dir", str(out),
                  *openrlhf, "--bai.merge_only"]) == 0
     # --bai.sft defaults to the actor path: a one-SFT recipe, alpha*base + (1-alpha)*actor.
-    assert command_of(capsys)[3:] == ["--pretrain", str(out), "--critic_pretrain", str(out), *openrlhf[3:]]
+    assert command_of(capsys)[3:] == ["--pretrain", str(out), "--critic_pretrain", str(out), *openrlhf[3:],
+                                      "--actor.entropy_coef", "0"]  # the installed OpenRLHF's (0.11) flag
     recipe = json.loads((out / PROVENANCE).read_text())["recipe"]
     assert recipe["sft"] == [sft] and recipe["coefficients"] == pytest.approx([0.5, 0.5])
 
@@ -136,7 +138,7 @@ def test_python_m_launcher_prints_the_command_last(llama_family, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     command = shell_words(run.stdout.strip().splitlines()[-1])
-    assert command[3:] == ["--actor.model_name_or_path", str(tmp_path / "m")]
+    assert command[3:] == ["--actor.model_name_or_path", str(tmp_path / "m"), "--actor.entropy_coef", "0"]
     assert not any(arg.startswith(("--bai", "--actor_init", "--actor.init")) for arg in command)
 
 
@@ -174,13 +176,13 @@ def test_launch_starts_ray_with_the_hooks_then_runs_openrlhfs_own_cli(llama_fami
     try:
         with pytest.raises(AssertionError, match="number of sample batches must be greater"):
             main(["--actor.model_name_or_path", sft, "--actor_init", "bai", *recipe_flags(llama_family),
-                  "--reward.model_name_or_path", sft, "--bai.hockey_drawdown", "4", "--rollout.batch_size", "1",
+                  "--reward.model_name_or_path", sft, "--bai.noise_units", "4", "--rollout.batch_size", "1",
                   "--rollout.micro_batch_size", "8", "--actor.num_gpus_per_node", "8",
                   "--bai.alert_url", "http://127.0.0.1:9/hook", "--bai.alert_timeout", "1", "--bai.strict_callbacks"])
         env_vars = ray.get_runtime_context().runtime_env["env_vars"]
         assert env_vars["NCCL_DEBUG"] == "INFO" and env_vars["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
         monitor = json.loads(env_vars[CONFIG_ENV])
-        assert monitor["hockey_drawdown"] == 4 and monitor["strict_callbacks"] is True
+        assert monitor["noise_units"] == 4 and monitor["strict_callbacks"] is True
         assert monitor["alert_url"] == "http://127.0.0.1:9/hook" and monitor["alert_timeout"] == 1
         assert SETUP_HOOK in env_vars.values()  # Ray keeps a module-path setup hook as an env var
         assert sys.argv == argv_before
@@ -325,13 +327,13 @@ def test_an_unknown_bai_flag_is_refused_naming_the_closest_before_anything_runs(
         assert not cache.exists()
 
 
-def test_a_renamed_bai_flag_is_refused_naming_its_replacement(monkeypatch, capsys):
+def test_a_renamed_bai_flag_is_refused_naming_its_replacement(capsys):
     import ray
 
-    monkeypatch.setitem(launcher.RENAMED_BAI_FLAGS, "collapse_threshold", "collapse_ratio")
-    assert dispatcher(["train-ppo", "--pretrain", "m", "--bai.collapse_threshold", "0.3"]) == 1
-    assert capsys.readouterr().err == (
-        "openrlhf-bai: error: --bai.collapse_threshold was renamed: use --bai.collapse_ratio\n")
+    assert dispatcher(["train-ppo", "--pretrain", "m", "--bai.hockey_drawdown", "4.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("openrlhf-bai: error: --bai.hockey_drawdown was removed in 0.3: use --bai.noise_units (")
+    assert err.count("\n") == 1
     assert not ray.is_initialized()
 
 

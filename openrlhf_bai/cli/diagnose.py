@@ -16,7 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from openrlhf_bai.atomic import check_output_file, same_file, write_text_atomic
-from openrlhf_bai.diagnostics.detectors import HELP, SIGNAL_KEYS, Thresholds, analyze, first_value, make_thresholds
+from openrlhf_bai.diagnostics.detectors import (HELP, RENAMED, SIGNAL_KEYS, Thresholds, analyze, first_value,
+                                                make_thresholds, renamed_message)
 from openrlhf_bai.diagnostics.plot import FIGURE_FORMATS, figure_format
 from openrlhf_bai.diagnostics.readers import KINDS, read_rows
 from openrlhf_bai.errors import BAIError
@@ -53,10 +54,23 @@ def parse_args(argv):
                                 help=f"the metric holding the {signal}, where it is not a known name")
     parser.add_argument("--logging-steps", type=int, default=1, metavar="K",
                         help="TRL console logs: the n-th logged dict is step n x K (default 1)")
+    parser.add_argument("--max-response-length", type=int, default=None, metavar="TOKENS",
+                        help="the run's response-length cap (verl's max_response_length, OpenRLHF's "
+                             "--rollout.max_new_tokens), to tell a length drop from the cap letting go (default: the "
+                             "largest max-length metric the log holds, else none: every length fall is a collapse)")
     for name, value in asdict(default).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                             help=f"{HELP[name]} (default %(default)s)")
+    for name in RENAMED:  # refused with their replacement, not as unknown options
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=f"renamed_{name}", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in RENAMED:
+        if getattr(args, f"renamed_{name}") is not None:
+            # One line, no usage: the option exists no more, and the line says what replaced it.
+            message = renamed_message(name, flag=lambda key: "--" + key.replace("_", "-"))
+            parser.exit(2, f"{parser.prog}: error: {message}\n")
+    if args.max_response_length is not None and args.max_response_length < 1:
+        parser.error("--max-response-length must be >= 1")
     args.fail_on = [name.strip() for name in args.fail_on.split(",") if name.strip()]
     unknown = [name for name in args.fail_on if name not in PHENOMENA]
     if unknown:
@@ -111,7 +125,7 @@ def diagnose_run(run: str, args) -> dict:
         elif count:
             print(f"openrlhf-bai: warning: {run}: {signal} missing at {count} of {len(rows)} steps; read the rest",
                   file=sys.stderr)
-    verdict, per_step = analyze(rows, args.thresholds)
+    verdict, per_step = analyze(rows, args.thresholds, cap=args.max_response_length)
     # Older names: response_length and reward were the two signals of 0.1's JSON.
     verdict.update(source=str(run), kind=kind,
                    missing_steps={("response_length" if k == "length" else k): v for k, v in missing_steps.items()})
@@ -124,6 +138,13 @@ def _number(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _strength(found: dict) -> str:
+    """How strong a detection is, and whether --bai.on_collapse save/stop would have acted on it."""
+    sustained = found.get("sustained_step")
+    return (f"strength {_number(found.get('max_strength'), '.1f')} noise units, "
+            + ("not sustained" if sustained is None else f"sustained at step {sustained}"))
+
+
 def verdict_table(verdicts: list[dict]) -> str:
     header = ("run", "steps", "ref length", "ref reward", "length collapse", "reward hockey stick",
               "entropy collapse", "KL blow-up")
@@ -134,10 +155,13 @@ def verdict_table(verdicts: list[dict]) -> str:
         if missing["response_length"] == v["steps"]:
             collapse_text = "not assessed (no length)"
         elif collapse["detected"]:
-            collapse_text = f"YES at step {collapse['step']} (lowest ratio {collapse['min_ratio']:.2f})"
+            collapse_text = (f"YES at step {collapse['step']} (lowest ratio {collapse['min_ratio']:.2f}, "
+                             f"{_strength(collapse)})")
         elif drop["detected"]:
             collapse_text = (f"no: truncation-cap drop at step {drop['step']} (truncated "
-                             f"{drop['truncated_rate_before']:.0%} -> {drop['truncated_rate_after']:.0%})")
+                             f"{_number(drop['truncated_rate_before'], '.0%')} -> "
+                             f"{_number(drop['truncated_rate_after'], '.0%')}; the untruncated responses kept "
+                             f"{_number(drop['untruncated_ratio'], '.0%')} of their length)")
         else:
             collapse_text = f"no (lowest ratio {_number(collapse['min_ratio'], '.2f')})"
         hockey = v["hockey_stick"]
@@ -146,7 +170,8 @@ def verdict_table(verdicts: list[dict]) -> str:
         elif hockey["detected"]:
             recovery = hockey["recovery_steps"]
             recovered = "not recovered" if recovery is None else f"recovered after {recovery} steps"
-            hockey_text = f"YES drop at step {hockey['drop_step']}, depth {hockey['depth']:.1f} noise units, {recovered}"
+            hockey_text = (f"YES drop at step {hockey['drop_step']}, depth {hockey['depth']:.1f} noise units, "
+                           f"{recovered} ({_strength(hockey)})")
         else:
             hockey_text = "no"
         ratio_texts = []
@@ -156,7 +181,8 @@ def verdict_table(verdicts: list[dict]) -> str:
             if missing[signal] == v["steps"]:
                 ratio_texts.append("not assessed")
             elif found["detected"]:
-                ratio_texts.append(f"YES at step {found['step']} ({word} ratio {found[field]:.2f})")
+                ratio_texts.append(f"YES at step {found['step']} ({word} ratio {_number(found[field], '.2f')}, "
+                                   f"{_strength(found)})")
             else:
                 ratio_texts.append(f"no ({word} ratio {_number(found[field], '.2f')})")
         lines.append((v["source"], str(v["steps"]), _number(v["baseline_length"], ".1f"),

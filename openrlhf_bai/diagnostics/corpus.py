@@ -1,13 +1,17 @@
 """Labeled training curves for measuring the detectors: real published runs and seeded synthetic ones.
 
-A curve is a dict: name, origin ("real" or "synthetic"), rows [(step, metrics)], logging_steps, and a label per
-detector, {"present": bool, "onset": step or None} (for the hockey stick also "recovery"). The onset is the first
+A curve is a dict: name, origin ("real" or "synthetic"), source (where it came from: the repository for a real
+run), rows [(step, metrics)], logging_steps, cap (the run's response-length limit, when known) and a label per
+event of EVENTS, {"present": bool, "onset": step or None} (for the hockey stick also "recovery"). A hockey stick
+is a sustained fall of the reward, recovered or not (the corpus README's rule; the recovery is recorded).
+The onset is the first
 log point at which the event has reached the size that makes it one: length below about 60 % of where it was, the
 first point of a reward drop, entropy below about 30 %, KL several times its level; recovery is the first point
 back at the reward's level before the drop.
 
 - real_curves(root): every `<root>/<run>/` with provenance.json (where the run came from, its file and format)
-  and label.json (what the curve does, judged by eye from its numbers); see tests/data/curves/README.md.
+  and label.json (what the curve does, by the rule in tests/data/curves/README.md; its source, noise class, batch
+  and generation cap, which each curve carries as "source", "noise_class", "batch", "max_response_length").
 - synthetic_curves(seed): what real runs do and the real corpus lacks: the paper's Figure 2 and 3 shapes,
   entropy collapse, KL blow-up, a drop from the truncation cap, and healthy regimes that trip naive detectors
   (length rising to the cap, a slow decline under a length penalty, small-batch binomial rewards, rewards
@@ -26,11 +30,13 @@ from openrlhf_bai.diagnostics.readers import read_rows
 
 LENGTH, REWARD, ENTROPY, KL, TRUNCATED = (
     "rollout/response_length_mean", "rollout/reward_mean", "entropy_loss", "kl", "rollout/truncated_rate")
+EVENTS = DETECTORS  # what a label can hold
+CAP_KEYS = ("max_response_length", "generate_max_len", "max_new_tokens")  # provenance.json: the run's length limit
 
 
 def _label(**events) -> dict:
     """{detector: {"present", "onset"[, "recovery"]}} with every detector absent unless given as onset step."""
-    label = {name: {"present": False, "onset": None} for name in DETECTORS}
+    label = {name: {"present": False, "onset": None} for name in EVENTS}
     for name, onset in events.items():
         if name == "hockey_stick":
             onset, recovery = onset
@@ -52,11 +58,16 @@ def real_curves(root: str | Path) -> list[dict]:
         for name, event in raw.items():
             if name in label and isinstance(event, dict) and event.get("present"):
                 onset = event.get("onset_step", event.get("drop_step"))
-                label[name] = {"present": True, "onset": onset}
+                label[name] = {"present": True, "onset": onset, "borderline": bool(event.get("borderline"))}
                 if name == "hockey_stick":
                     label[name]["recovery"] = event.get("recovery_step")
+        # Who published the run (leave-one-source-out holds a whole source out) and how noisy it is.
         curves.append({"name": run.name, "origin": "real", "kind": kind, "rows": rows,
-                       "logging_steps": logging_steps, "label": label, "provenance": provenance})
+                       "logging_steps": logging_steps, "label": label, "provenance": provenance,
+                       "source": raw.get("source") or provenance["repository"],
+                       "noise_class": raw.get("noise_class", "unknown"), "batch": raw.get("batch"),
+                       "max_response_length": raw.get("max_response_length"),
+                       "cap": next((src[k] for src in (raw, provenance) for k in CAP_KEYS if src.get(k)), None)})
     return curves
 
 
@@ -65,10 +76,10 @@ def synthetic_curves(seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     gauss, curves = rng.gauss, []
 
-    def add(name, steps, metrics_at, label, logging_steps=1):
+    def add(name, steps, metrics_at, label, logging_steps=1, cap=None):
         rows = [(step, metrics_at(step)) for step in steps]
-        curves.append({"name": name, "origin": "synthetic", "kind": "synthetic", "rows": rows,
-                       "logging_steps": logging_steps, "label": label})
+        curves.append({"name": name, "origin": "synthetic", "source": "synthetic", "kind": "synthetic", "rows": rows,
+                       "logging_steps": logging_steps, "label": label, "cap": cap})
 
     def binomial(p, n):  # the mean reward of n responses scored 0/1
         return sum(rng.random() < p for _ in range(n)) / n
@@ -97,12 +108,51 @@ def synthetic_curves(seed: int = 0) -> list[dict]:
         _label(entropy_collapse=48))
     add("kl-blowup", range(1, 151), lambda s: {
         LENGTH: 2000 * (1 + gauss(0, 0.04)), REWARD: 0.4 + gauss(0, 0.02),
-        KL: (0.002 + 0.0002 * s if s < 90 else 0.5 + 0.1 * (s - 90)) * (1 + gauss(0, 0.1))},
+        KL: (0.002 + 0.0002 * s if s < 90 else 1.5 + 0.1 * (s - 90)) * (1 + gauss(0, 0.1))},
         _label(kl_blowup=90))
-    # Hitting the 8192-token cap 40 % of the time, then learning to stop: the truncated share falls with the length.
+    # Hitting the 8192-token cap half of the time, then learning to stop: the truncated share falls with the length,
+    # and the responses that were not truncated keep their ~3000 tokens.
+    def capped(share, untruncated, cap=8192):
+        share = min(1.0, max(0.0, share + gauss(0, 0.01)))
+        return {LENGTH: share * cap + (1 - share) * untruncated * (1 + gauss(0, 0.03)), TRUNCATED: share}
+
     add("length-drop-from-truncation-cap", range(1, 151), lambda s: {
-        LENGTH: (6000 if s < 50 else 3000) * (1 + gauss(0, 0.03)), REWARD: 0.3 + 0.002 * s + gauss(0, 0.02),
-        TRUNCATED: (0.4 if s < 50 else 0.03) + abs(gauss(0, 0.01))}, _label(truncation_drop=50))
+        **capped(0.5 if s < 50 else 0.02, 3000), REWARD: 0.3 + 0.002 * s + gauss(0, 0.02)},
+        _label(truncation_drop=50), cap=8192)
+    # The issue's PPO run: the policy settles on a template far below its 4096 cap; the truncated share falls from
+    # over a third to 0 while the responses that were not truncated shrink fourfold: a collapse, not the cap. The
+    # cap is known only from the log's max-length metric (verl's response_length/max).
+    add("collapse-below-cap-truncated-share-falls", range(1, 151), lambda s: {
+        **capped(0.36 if s < 60 else 0.0, 2000 if s < 60 else 500, cap=4096), REWARD: 0.4 + gauss(0, 0.02),
+        "response_length/max": 4096.0 if s < 60 else 900.0}, _label(length_collapse=60))
+    # GRPO as TRL / Unsloth notebooks run it: 1 prompt x 4 completions a step, so the mean length jumps 2-3x from
+    # step to step with the prompt, and the reward moves in quarters.
+    def small_batch(length, p, samples=4):
+        prompt = length * math.exp(gauss(0, 0.45))
+        mean = sum(prompt * math.exp(gauss(0, 0.3)) for _ in range(samples)) / samples
+        return {"completions/mean_length": mean, "reward": binomial(p, samples)}
+
+    add("healthy-noisy-small-batch-grpo", range(1, 301), lambda s: small_batch(300, 0.2 + 0.4 * s / 300), _label())
+    add("healthy-noisy-small-batch-grpo-length-drifts-down", range(1, 251),
+        lambda s: small_batch(400 * (1 - 0.3 * s / 250), 0.3 + 0.2 * s / 250), _label())
+    add("noisy-small-batch-grpo-later-collapse", range(1, 301),
+        lambda s: small_batch(350 if s < 180 else 60, 0.4), _label(length_collapse=180))
+    # Reward whose 10-step mean rises steadily, with one log point that dips hard: no hockey stick.
+    add("healthy-reward-rising-with-one-dip", range(1, 201), lambda s: {
+        LENGTH: 1000 * (1 + gauss(0, 0.04)), REWARD: (0.05 if s == 90 else 0.3 + 0.002 * s) + gauss(0, 0.03)},
+        _label())
+    # 8 completions a step (rewards in eighths): the reward's level falls by half at step 100 and stays down.
+    add("reward-halves-and-stays-batch-8", range(1, 251), lambda s: {
+        LENGTH: 700 * (1 + gauss(0, 0.05)), REWARD: binomial(0.6 if s < 100 else 0.3, 8)},
+        _label(hockey_stick=(100, None)))
+    # KL already thousands of nats at the first log point (a broken reference model): a blow-up from the start.
+    add("kl-thousands-of-nats-from-the-start", range(1, 61), lambda s: {
+        LENGTH: 800 * (1 + gauss(0, 0.04)), REWARD: 0.3 + gauss(0, 0.02), KL: 2500 * (1 + gauss(0, 0.2))},
+        _label(kl_blowup=1))
+    # GRPO with little or no KL penalty: KL rises smoothly to 0.1-0.4 nats in its first tens of steps.
+    add("healthy-kl-rising-smoothly-to-0.3-nats", range(1, 201), lambda s: {
+        LENGTH: 900 * (1 + gauss(0, 0.04)), REWARD: 0.3 + 0.001 * s + gauss(0, 0.02),
+        KL: 0.3 * (1 - math.exp(-s / 15)) * (1 + gauss(0, 0.15))}, _label())
 
     # Healthy regimes.
     add("healthy-length-rising-to-cap", range(1, 301), lambda s: {
@@ -136,23 +186,37 @@ def synthetic_curves(seed: int = 0) -> list[dict]:
 
 
 def score(curve: dict, detections: dict, patience: int) -> dict:
-    """Per detector: "hit" (with delay in steps and log points), "miss", "false alarm" (raised where the label has no
-    event), "early" (raised before the labeled onset of an event), "quiet" (rightly nothing), or "too short" (an event the log ends fewer than
-    `patience` points after: no detector that waits can raise it). `detections` maps detector -> step or None."""
+    """Per event of EVENTS: "hit" (raised within patience + 1 log points of the labeled onset, before or after; with
+    the delay in steps and log points, negative when before), "late" / "early" (raised, but further from the
+    onset), "miss", "false alarm" (raised where the label has no event), "quiet" (rightly nothing), or "too short"
+    (an event the log ends fewer than `patience` points after: no detector that waits can raise it).
+    `detections` maps event -> step or None; an event absent from it is not scored."""
     steps = [step for step, _ in curve["rows"]]
     result = {}
-    for name in DETECTORS:
-        label, step = curve["label"][name], detections.get(name)
+    for name in EVENTS:
+        if name not in detections:
+            continue
+        label, step = curve["label"][name], detections[name]
         if step is None and label["present"] and sum(s >= label["onset"] for s in steps) < patience:
             result[name] = {"outcome": "too short"}
         elif step is None:
             result[name] = {"outcome": "miss" if label["present"] else "quiet"}
         elif not label["present"]:
             result[name] = {"outcome": "false alarm", "step": step}
-        elif step < label["onset"]:  # raised before the labeled onset of a real event (a slow curve's crossing)
-            result[name] = {"outcome": "early", "step": step, "delay_steps": step - label["onset"]}
         else:
-            points = sum(1 for s in steps if label["onset"] < s <= step)
-            result[name] = {"outcome": "hit", "step": step, "delay_steps": step - label["onset"],
+            points = (sum(1 for s in steps if label["onset"] < s <= step)
+                      - sum(1 for s in steps if step < s <= label["onset"]))
+            outcome = "hit" if abs(points) <= patience + 1 else "late" if points > 0 else "early"
+            result[name] = {"outcome": outcome, "step": step, "delay_steps": step - label["onset"],
                             "delay_points": points}
     return result
+
+
+def detections(verdict: dict) -> dict:
+    """What a verdict (detectors.verdict) raised, per event of EVENTS, as the step it was raised at (or None): a
+    hockey stick is raised at its drop, recovered or not."""
+    return {"length_collapse": verdict["length_collapse"]["step"],
+            "truncation_drop": verdict["truncation_drop"]["step"],
+            "hockey_stick": verdict["hockey_stick"]["drop_step"],
+            "entropy_collapse": verdict["entropy_collapse"]["step"],
+            "kl_blowup": verdict["kl_blowup"]["step"]}

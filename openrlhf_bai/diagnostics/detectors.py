@@ -1,32 +1,53 @@
 """Detectors for the failures of RLHF on a distilled reasoning model (arXiv 2509.00309) and their neighbours.
 
 Pure functions over plain, JSON-serializable state, so that the live monitor (one step at a time, its state
-saved in OpenRLHF's client_states) and the offline `diagnose` (a whole series) run the same code.
+saved in OpenRLHF's client_states) and the offline `diagnose` (a whole series) run the same code: one table of
+detectors (DETECTORS_TABLE, a row each) over one state object (new_state).
 
-Every signal is smoothed (EMA over log points, `smoothing`) and compared with a **reference**: the smoothed
-series' peak (for KL: its median) over the last `reference_steps` steps, counted in steps, not log points, so
-it means the same at any --logger.logging_steps and after a resume. A fall inside the first log points lowers
-later values, never the peak, so it cannot contaminate the reference; a slow drift (a length penalty, entropy
-that declines over hundreds of steps) moves the reference with it and raises nothing. While a condition holds
-the reference is frozen, so a collapse that does not come back stays a collapse.
+Every signal is judged by robust statistics over windows, and by its own noise:
+- the **short level**: the median of the last 2 x `patience` - 1 log points, so a fall counts once it covers a
+  majority of them: a one-point dip or spike moves it not at all;
+- the **long level**: a trimmed mean (a tenth cut at each end) over the last `level_steps` steps (at least the
+  short level's points); the noise test is judged on it, so the unit is the level's noise, not a single step's;
+- the **reference**: the median of the values of the last `reference_steps` steps (counted in steps, so it means
+  the same at any --logger.logging_steps and after a resume), leaving out the last `patience` points, which may
+  already belong to the fall; for entropy the highest short level since the first step. From the moment a fall
+  passes its ratio (before it clears the noise) until it ends, the reference is frozen with the number of points
+  it was taken over, so a fall never pulls its own reference down and a collapse that does not come back stays one;
+- the **noise unit**: the step-to-step standard deviation of the values (1.4826 x the median absolute consecutive
+  difference / sqrt 2, repeated values left out, widened while there are few), scaled to each statistic
+  (1.2533 / sqrt n for a median, 1.1 / sqrt n for the trimmed mean) and combined with the reference's.
+  Lengths and entropy are judged on their logarithms (their noise is relative: a batch of 4 samples and one of
+  1,024 then mean the same thing). Rewards use trimmed means and the root mean square of the differences (less
+  the largest tenth): a small group's rewards are bimodal, and a median would jump between the two modes.
 
-- Sequence Length Collapse: smoothed length below `collapse_ratio` x reference for `patience` log points.
-- Length drop from the truncation cap: the same fall, but the truncated share of responses fell with it (from at
-  least 0.1 to at most half of that): the model stopped hitting the cap, it did not stop reasoning.
-- Reward Hockey Stick: smoothed reward more than `hockey_drawdown` noise units below the reference for
-  `patience` log points. The noise unit is the reward's own step-to-step noise (a robust estimate from the median
-  absolute difference of consecutive values), so it means the same for any reward scale and batch size.
-  Recovered: smoothed reward back within one noise unit of the reference.
-- Entropy collapse: smoothed policy entropy below `entropy_ratio` x its peak since the first step (not over a
-  window: entropy that falls to a fifth is collapsed however slowly it got there) for `patience` log points.
-- KL blow-up: smoothed KL above `kl_factor` x max(reference, `kl_floor`) for `patience` log points.
+A detection's **strength** is how far past its threshold it is, in noise units (the smallest margin over its
+conditions); a condition holds at a log point when its strength is > 0. It is raised at the first point it holds
+(KL: once held at `patience` points in a row), and it is **sustained** (what --bai.on_collapse save/stop acts
+on) once it has held at `patience` consecutive log points, each at least `action_strength` noise units past.
+
+- length_collapse: short level < `collapse_ratio` x reference, and the long level `noise_units` below it; unless
+  the truncated share explains it (then truncation_drop).
+- truncation_drop: the same fall, explained by the truncation cap: the mean length of the responses that were NOT
+  truncated, estimated from the cap C, the truncated share r and the mean m as (m - r C) / (1 - r), stayed at or
+  above `collapse_ratio` x its own reference. The cap is the run's (--rollout.max_new_tokens; diagnose
+  --max-response-length) when known, else the largest value of the log's max-length metric; without one every
+  fall is a collapse. Once a fall is called a collapse it is not called a cap drop afterwards.
+- hockey_stick: the reward's short level fallen by `reward_drop` x |reference|, and the long level `noise_units`
+  below it (a reward that falls by half and stays down is raised: the drop of a hockey stick that has not
+  recovered); recovered once the short level is back within one noise unit of the reference at `patience`
+  points in a row, recovery_steps after the drop.
+- entropy_collapse: entropy below `entropy_ratio` x its highest level and below `entropy_nats`, by `noise_units`.
+- kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
+  raised), and, while the run's reference is below that limit, above `kl_factor` x the reference (its own
+  trajectory), held at `patience` points in a row (KL estimates spike on single steps).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterable, Mapping
 
 from openrlhf_bai.errors import BAIError
 
@@ -44,52 +65,80 @@ KL_KEYS = ("kl", "ppo_kl",  # OpenRLHF (to the reference; old -> new policy); TR
 TRUNCATED_KEYS = ("rollout/truncated_rate", "response_clip_ratio",  # OpenRLHF 0.11, 0.9
                   "response_length/clip_ratio",  # verl
                   "completions/clipped_ratio")  # TRL
+MAX_LENGTH_KEYS = ("rollout/response_length_max", "response_length/max",  # verl
+                   "completions/max_length")  # TRL
 SIGNAL_KEYS = {"length": LENGTH_KEYS, "reward": REWARD_KEYS, "entropy": ENTROPY_KEYS, "kl": KL_KEYS,
                "truncated": TRUNCATED_KEYS}
-# What can fire, in the order they are checked; each is an alarm for the monitor's --bai.on_collapse.
-DETECTORS = ("length_collapse", "truncation_drop", "hockey_stick", "entropy_collapse", "kl_blowup")
-STATE_VERSION = 2
-NOISE_DIFFS = 64  # consecutive differences kept for the reward's noise estimate
+STATE_VERSION = 3  # 2: EMA-smoothed windows (0.2); upgraded by upgrade_state
+NOISE_DIFFS = 64  # consecutive differences kept for a signal's noise estimate
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    smoothing: float = 0.5  # EMA weight of the newest log point (1 = no smoothing)
-    patience: int = 3  # consecutive log points a condition must hold before it is raised
-    reference_steps: int = 100  # steps over which the reference (peak of the smoothed series) is taken
-    collapse_ratio: float = 0.6  # smoothed length / reference below this counts as collapsed
-    hockey_drawdown: float = 4.5  # noise units the smoothed reward must fall below its reference
-    entropy_ratio: float = 0.2  # smoothed entropy / its peak since the start below this counts as collapsed
-    kl_factor: float = 5.0  # smoothed KL / max(reference, kl_floor) above this is a blow-up
-    kl_floor: float = 0.01  # nats: the reference of a KL that starts at 0
+    patience: int = 3  # a fall must cover `patience` of the last 2 x patience - 1 log points
+    reference_steps: int = 100  # steps over which the reference (median of the raw values) is taken
+    level_steps: int = 20  # steps over which the long level (a trimmed mean) is taken, for the noise test
+    noise_units: float = 3.0  # every fall must also be this many noise units of the level
+    collapse_ratio: float = 0.6  # length level / reference below this is a length collapse
+    reward_drop: float = 0.5  # the reward level falling by this share of |reference| is a drop
+    entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
+    entropy_nats: float = 0.1  # nats: ... and the entropy level below this
+    kl_limit_nats: float = 1.0  # nats: a KL level above this (and above kl_factor x its reference) is a blow-up
+    kl_factor: float = 2.0  # ... and KL level / its reference above this, while the reference is below the limit
+    action_strength: float = 1.0  # noise units past the threshold at each of `patience` points: save/stop acts
 
 
 # name: (what it must be, check); shared by the monitor's --bai.* flags and diagnose's options.
 LIMITS = {
-    "smoothing": ("in (0, 1]", lambda v: 0 < v <= 1),
     "patience": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
     "reference_steps": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
+    "level_steps": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
+    "noise_units": (">= 0", lambda v: v >= 0),
     "collapse_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
-    "hockey_drawdown": ("> 0", lambda v: v > 0),
+    "reward_drop": ("in (0, 1]", lambda v: 0 < v <= 1),
     "entropy_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
+    "entropy_nats": ("> 0", lambda v: v > 0),
+    "kl_limit_nats": ("> 0", lambda v: v > 0),
     "kl_factor": ("> 1", lambda v: v > 1),
-    "kl_floor": ("> 0", lambda v: v > 0),
+    "action_strength": (">= 0", lambda v: v >= 0),
 }
 HELP = {
-    "smoothing": "EMA weight of the newest log point, 1 = no smoothing",
-    "patience": "consecutive log points a condition must hold before it is raised",
-    "reference_steps": "steps over which each signal's reference (its smoothed peak) is taken",
-    "collapse_ratio": "smoothed response length / reference below this is a length collapse",
-    "hockey_drawdown": "noise units the smoothed reward must fall below its reference: a hockey stick",
-    "entropy_ratio": "smoothed entropy / its peak since the start below this is an entropy collapse",
-    "kl_factor": "smoothed KL / max(reference, kl_floor) above this is a KL blow-up",
-    "kl_floor": "smallest KL reference in nats (KL starts at 0)",
+    "patience": "a fall must cover this many of the last 2 x patience - 1 log points (the level is their median)",
+    "reference_steps": "steps over which each signal's reference (the median of its values) is taken",
+    "level_steps": "steps over which the level the noise test judges (a trimmed mean) is taken",
+    "noise_units": "noise units of the level every fall must also exceed",
+    "collapse_ratio": "response length level / reference below this is a length collapse",
+    "reward_drop": "the reward level falling by this share of |reference| is a reward drop (a hockey stick's)",
+    "entropy_ratio": "entropy level / its highest level since the start below this is an entropy collapse",
+    "entropy_nats": "nats: an entropy collapse also needs the entropy level below this",
+    "kl_limit_nats": "nats: a KL level above this (and above kl_factor x its reference, once it has one) is a "
+                     "KL blow-up; a run already above it at its first points has no reference and is raised",
+    "kl_factor": "a KL blow-up also needs the KL level above this x its reference (while that is below kl_limit_nats)",
+    "action_strength": "noise units past the threshold a detection keeps for patience log points before "
+                       "--bai.on_collapse save/stop acts",
 }
+# Thresholds of 0.2 that no longer exist: name -> (what replaces it, how). Refused by name, never silently ignored.
+RENAMED = {
+    "smoothing": ("patience", "the level is the median of the last 2 x patience - 1 log points; there is no EMA"),
+    "hockey_drawdown": ("noise_units", "with reward_drop, the share of |reference| the reward level must fall"),
+    "kl_floor": ("kl_limit_nats", "the KL level in nats a blow-up must exceed"),
+}
+
+
+def renamed_message(name: str, flag=lambda key: f"--bai.{key}") -> str | None:
+    """The one-line refusal of a renamed or removed threshold `name`, or None when it is no such name."""
+    if name not in RENAMED:
+        return None
+    replacement, how = RENAMED[name]
+    return f"{flag(name)} was removed in 0.3: use {flag(replacement)} ({how})"
 
 
 def make_thresholds(values: Mapping[str, Any], flag=lambda key: f"--bai.{key}") -> Thresholds:
     """Thresholds from a mapping (missing keys: defaults); BAIError naming the flag (`flag(key)`) for a value out
-    of range."""
+    of range or a renamed threshold."""
+    for key in values:
+        if key in RENAMED and values[key] is not None:
+            raise BAIError(renamed_message(key, flag))
     defaults = asdict(Thresholds())
     chosen = {key: values.get(key, default) for key, default in defaults.items()}
     for key, value in chosen.items():
@@ -114,215 +163,460 @@ def first_value(metrics: Mapping[str, Any], keys: Iterable[str]) -> float | None
     return None
 
 
-def new_state() -> dict:
-    """Detector state: plain numbers and lists only, so it fits in client_states and JSON."""
-    def track() -> dict:
-        # ema: smoothed value; window: [step, smoothed] within reference_steps; frozen: the reference while a
-        # condition holds; run: log points it has held; last: the last raw value; diffs: |raw differences| (repeats
-        # left out); count: values seen.
-        return {"ema": None, "window": [], "frozen": None, "run": 0, "last": None, "diffs": [], "count": 0}
-
-    return {
-        "version": STATE_VERSION,
-        "steps": 0,
-        "signals": {name: track() for name in SIGNAL_KEYS},
-        "length_collapse": {"step": None, "min_ratio": None, "baseline": None},
-        "truncation_drop": {"step": None, "before": None, "after": None},
-        "hockey_stick": {"step": None, "depth": 0.0, "recovery_steps": None, "baseline": None},
-        "entropy_collapse": {"step": None, "min_ratio": None, "baseline": None},
-        "kl_blowup": {"step": None, "max_ratio": None, "baseline": None},
-        # What fired, in order: {"detector", "step", "message", "values", "alarm"}; the monitor acts on new entries.
-        "events": [],
-    }
-
-
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
-def _smooth(track: dict, step: int, value: float, th: Thresholds, statistic, whole_run: bool = False):
-    """Feed one raw value; (smoothed value, reference). The reference is frozen while track["frozen"] is set;
-    `whole_run`: the peak since the first step (only that point is kept) instead of the last reference_steps."""
-    if track["last"] is not None and value != track["last"]:  # a repeated value (a reward stuck at 0) tells no noise
-        track["diffs"] = (track["diffs"] + [abs(value - track["last"])])[-NOISE_DIFFS:]
-    track["last"] = value
-    track["count"] += 1
-    track["ema"] = value if track["ema"] is None else track["ema"] + th.smoothing * (value - track["ema"])
-    if track["frozen"] is not None:
-        return track["ema"], track["frozen"]
-    # The window is counted in steps; it keeps at least patience + 2 log points so that sparse logging
-    # (--logger.logging_steps close to reference_steps) still has a reference from before the fall.
-    window = track["window"] + [[step, track["ema"]]]
-    if whole_run:
-        track["window"] = [max(window, key=lambda point: point[1])]
-        return track["ema"], track["window"][0][1]
-    keep = [point for point in window if point[0] > step - th.reference_steps]
-    track["window"] = window[-(th.patience + 2):] if len(keep) < th.patience + 2 else keep
-    return track["ema"], statistic(value for _, value in track["window"])
+# ------------------------------------------------------------------------------------------------- signals
 
 
-def _hold(track: dict, condition: bool, reference: float) -> int:
-    """Count the log points a condition has held; freeze the reference while it does."""
-    track["run"] = track["run"] + 1 if condition else 0
-    track["frozen"] = reference if condition else None
-    return track["run"]
+LOG_SIGNALS = ("length", "entropy")  # positive and multiplicative: judged on logs (ratios, relative noise)
+MEAN_SIGNALS = ("reward",)  # trimmed means and root-mean-square noise (bimodal small-group rewards); else medians
 
 
-def _event(state: dict, detector: str, step: int, message: str, values: dict, alarm: bool = True) -> None:
-    state["events"].append({"detector": detector, "step": step, "message": message, "values": values, "alarm": alarm})
+@dataclass
+class Level:
+    """One signal at one log point, in the units it is judged in (log for LOG_SIGNALS): the short level (median of
+    the last 2 x patience - 1 points), the long level (trimmed mean over level_steps steps), the reference, and
+    the noise units of short - reference and long - reference. `value` / `reference`: short level and reference
+    in the signal's own units."""
+    short: float
+    long: float
+    ref: float | None
+    sigma: float  # step-to-step standard deviation of the judged values
+    points: int  # points the short level is over
+    n_long: int  # points the long level is over
+    n_ref: int  # points the reference is the median of
+    log: bool
+
+    # Standard deviations of a median (1.2533 sigma / sqrt n) and of a trimmed mean (about 1.1 sigma / sqrt n).
+    @property
+    def level_noise(self) -> float:  # the short level alone
+        return 1.2533 * self.sigma / math.sqrt(self.points)
+
+    @property
+    def ref_noise(self) -> float:
+        return 1.2533 * self.sigma / math.sqrt(self.n_ref) if self.n_ref else 0.0
+
+    @property
+    def noise_short(self) -> float:  # of short - ref
+        return math.hypot(self.level_noise, self.ref_noise)
+
+    @property
+    def noise_long(self) -> float:  # of long - ref
+        return math.hypot(1.1 * self.sigma / math.sqrt(self.n_long), self.ref_noise)
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.short) if self.log else self.short
+
+    @property
+    def reference(self) -> float | None:
+        return None if self.ref is None else math.exp(self.ref) if self.log else self.ref
+
+
+def _to(log: bool, value: float) -> float:
+    return math.log(max(value, 1e-9)) if log else value
+
+
+def _new_track() -> dict:
+    # points: [step, raw value] within reference_steps (and the level's points); diffs: |differences| of the judged
+    # (log) values, repeats left out; repeats: repeated values; peak: highest short level so far (judged units);
+    # frozen: {detector: reference in the signal's units} while its condition holds.
+    return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}}
+
+
+def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> None:
+    points = track["points"]
+    if points:
+        last = points[-1][1]
+        if value != last:  # a repeated value (a reward stuck at 0) tells no noise
+            track["diffs"] = (track["diffs"] + [abs(_to(log, value) - _to(log, last))])[-NOISE_DIFFS:]
+        else:
+            track["repeats"] += 1
+    points.append([step, value])
+    # Keep the reference window (in steps), but never fewer than 2 x patience points, so that sparse logging
+    # (--logger.logging_steps close to reference_steps) still has a reference from before the last patience points.
+    while len(points) > 2 * th.patience and points[0][0] <= step - th.reference_steps:
+        points.pop(0)
+
+
+def _noise(track: dict, th: Thresholds, scale: float, robust: bool) -> float:
+    """Step-to-step standard deviation of the judged values; inf while too few moves to say (unless flat).
+    `robust`: from the median absolute difference (a spike does not widen it); else from the root mean square
+    (less the largest tenth), for rewards: a small group's rewards are bimodal, most differences are small and
+    the jumps between the two modes are the noise that matters."""
+    diffs = track["diffs"]
+    if len(diffs) >= 3:
+        if robust:
+            spread = 1.4826 * _median(diffs)
+        else:  # root mean square without the largest tenth (the fall being judged is one of the differences)
+            kept = sorted(diffs)[:len(diffs) - max(1, len(diffs) // 10)]
+            spread = math.sqrt(sum(d * d for d in kept) / len(kept))
+        # An estimate from few differences is itself noisy: widen it while there are few (x2 at 4, x1.25 at 16).
+        sigma = spread / math.sqrt(2) * (1 + 4 / len(diffs))
+    elif robust and len(diffs) <= 1 and track["repeats"] >= th.patience - 1:
+        sigma = 0.0  # flat (patience equal values), one move at most: a length that fell once and stays there
+    else:  # too few moves to say yet
+        sigma = math.inf
+    return max(sigma, 1e-3 * scale, 1e-12)
+
+
+def _trimmed_mean(values: list[float]) -> float:
+    """Mean without the highest and lowest tenth (none of fewer than 10 values). A tenth, not more: in a fall the
+    low values are the ones cut, so each point cut is a point of delay."""
+    ordered, cut = sorted(values), len(values) // 10
+    middle = ordered[cut:len(ordered) - cut]
+    return sum(middle) / len(middle)
+
+
+def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = True) -> Level:
+    points = track["points"]
+    values = [_to(log, v) for _, v in points]
+    last_step = points[-1][0]
+    # Medians for lengths, entropy and KL; trimmed means for rewards, which a small group makes bimodal (a median
+    # would jump between the two modes).
+    center = _median if robust else _trimmed_mean
+    n_short = min(len(values), 2 * th.patience - 1)
+    short = center(values[-n_short:])
+    n_long = max(n_short, sum(1 for s, _ in points if s > last_step - th.level_steps))
+    long = _trimmed_mean(values[-n_long:])
+    if peak:  # the highest short level since the start (over at least patience points once there are that many)
+        if track["peak"] is None or n_short < th.patience:
+            track["peak"] = short
+        track["peak"] = max(track["peak"], short)
+        ref, n_ref = (track["peak"], n_short) if len(values) > th.patience else (None, 0)
+    else:
+        before = values[:-th.patience]
+        # A reward's reference needs patience points: one point of a bimodal reward says nothing of its level.
+        ref, n_ref = (center(before), len(before)) if len(before) >= (1 if robust else th.patience) else (None, 0)
+    sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust)
+    return Level(short, long, ref, sigma, n_short, n_long, n_ref, log)
+
+
+def _with_reference(lv: Level, frozen: list) -> Level:
+    """The level against a frozen [reference, points it was the median of]: its noise is that of its own points."""
+    return replace(lv, ref=_to(lv.log, frozen[0]), n_ref=frozen[1])
+
+
+# ----------------------------------------------------------------------------------------------- detectors
+# judge(level, th, state, levels) -> (strength, measure, candidate): strength > 0 while the condition holds; measure
+# is the per-step metric (ratio, drawdown); candidate: past the ratio (size) part alone, which freezes the reference
+# (a fall that has not yet cleared the noise must not pull its own reference down while it does). The ratio part
+# is judged on the short level (fast: a majority of the last 2 x patience - 1 points), the noise part on the long
+# level (a trimmed mean over level_steps steps: the level's noise, not a single step's, is the unit).
+# `levels` holds this step's Level of each signal (and what the length judges found about truncation).
+
+
+def _fall(ratio_limit: float, lv: Level, th: Thresholds) -> tuple[float, float, bool]:
+    """A positive signal (judged on logs) falling below ratio_limit x its reference, by noise_units."""
+    if lv.ref is None:
+        return -math.inf, math.nan, False
+    log_limit = math.log(ratio_limit)
+    strength = min((log_limit - (lv.short - lv.ref)) / lv.noise_short,
+                   (lv.ref - lv.long) / lv.noise_long - th.noise_units)
+    return strength, math.exp(lv.short - lv.ref), lv.short - lv.ref < log_limit
+
+
+def _untruncated_ratio(state: dict, lv: Level, th: Thresholds, levels: dict) -> float | None:
+    """How far the mean length of the responses that were NOT truncated fell (now / reference), or None when it
+    cannot be told (no cap known, or no truncated share logged at this step)."""
+    cap = state["cap"] or state["max_length"]
+    tl = levels.get("truncated")
+    if not cap or tl is None or lv.ref is None:
+        return None
+    before = tl.reference if tl.reference is not None else tl.value
+    now, before = min(max(tl.value, 0.0), 0.99), min(max(before, 0.0), 0.99)
+    untruncated_before = (lv.reference - before * cap) / (1 - before)
+    untruncated_now = (lv.value - now * cap) / (1 - now)
+    if untruncated_before <= 0:  # a cap below the mean: the cap we were given is not this run's
+        return None
+    levels["truncation"] = {"truncated_before": before, "truncated_after": now, "length_cap": cap,
+                            "untruncated_ratio": untruncated_now / untruncated_before}
+    return untruncated_now / untruncated_before
+
+
+def _length_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
+    strength, ratio, candidate = _fall(th.collapse_ratio, lv, th)
+    if candidate:
+        kept = _untruncated_ratio(state, lv, th, levels)
+        if kept is not None and kept >= th.collapse_ratio:  # the cap let go; the other responses did not shrink
+            return -math.inf, ratio, False
+    return strength, ratio, candidate
+
+
+def _truncation_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
+    strength, ratio, candidate = _fall(th.collapse_ratio, lv, th)
+    if state["detectors"]["length_collapse"]["step"] is not None:  # already called a collapse: not the cap
+        return -math.inf, ratio, False
+    if candidate:
+        kept = _untruncated_ratio(state, lv, th, levels)
+        if kept is None or kept < th.collapse_ratio:
+            return -math.inf, ratio, False
+    return strength, ratio, candidate
+
+
+def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
+    if lv.ref is None:
+        return -math.inf, math.nan, False
+    size = th.reward_drop * abs(lv.ref)
+    drawdown = (lv.ref - lv.long) / lv.noise_long
+    strength = min((lv.ref - lv.short - size) / lv.noise_short, drawdown - th.noise_units)
+    return strength, drawdown, lv.ref - lv.short > size
+
+
+def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
+    """Below entropy_ratio x the highest level, and below entropy_nats: near-deterministic, not merely lower."""
+    strength, ratio, candidate = _fall(th.entropy_ratio, lv, th)
+    below = (math.log(th.entropy_nats) - lv.short) / lv.level_noise
+    return min(strength, below), ratio, candidate and below > 0
+
+
+def _kl_blowup(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
+    """The level above kl_limit_nats; and where the run's reference is still below that, above kl_factor x it (a run
+    already above the limit at its first points is raised on the limit alone). The limit is in nats, the noise
+    test is the limit's: a KL that rises to 1 nat over 20 steps is no less a blow-up for having risen slowly."""
+    past = lv.short - th.kl_limit_nats
+    # Before its noise is known (fewer than 3 moves), how far past the limit is counted in limits.
+    strength = past / lv.level_noise if math.isfinite(lv.level_noise) else past / th.kl_limit_nats
+    candidate = past > 0
+    if lv.ref is not None and lv.ref < th.kl_limit_nats:
+        rise = lv.short - th.kl_factor * lv.ref
+        strength = min(strength, rise / lv.noise_short)
+        candidate = candidate and rise > 0
+    return strength, lv.short / max(lv.ref if lv.ref is not None else 0.0, 0.01), candidate
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str
+    signal: str
+    judge: Callable[[Level, Thresholds, dict, dict], tuple[float, float, bool]]
+    measure: str  # the per-step bai/* metric of `measure`
+    peak: bool = False  # reference: the highest level since the start instead of the windowed median
+    # hold: raised once held at patience consecutive log points, its level counted from the first point (KL: a
+    # single-step spike lifts a 5-point median for a point or two; a run in the thousands from its first point is
+    # raised at its patience-th); else raised at the first point held, once the level spans patience points.
+    hold: bool = False
+    describe: Callable[[Level, float, Thresholds], str] = None  # the message when raised
+
+
+def _pct(lv: Level) -> str:
+    return f"{lv.value / lv.reference:.0%}" if lv.reference else "-"
+
+
+DETECTORS_TABLE = (
+    Detector("length_collapse", "length", _length_collapse, "bai/response_length_ratio",
+             describe=lambda lv, s, th: f"sequence length collapse: response length level {lv.value:.0f} at "
+             f"{_pct(lv)} of its reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})"),
+    Detector("truncation_drop", "length", _truncation_drop, "bai/response_length_ratio",
+             describe=lambda lv, s, th: f"length drop from the truncation cap: response length level "
+             f"{lv.value:.0f} at {_pct(lv)} of its reference {lv.reference:.0f} tokens, but the responses that were "
+             "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning"),
+    Detector("hockey_stick", "reward", _reward_drop, "bai/reward_drawdown",
+             describe=lambda lv, s, th: f"reward hockey stick: reward level {lv.value:.4g} fell from its reference "
+             f"{lv.reference:.4g} by {(lv.ref - lv.long) / lv.noise_long:.1f} noise units "
+             f"(--bai.reward_drop {th.reward_drop:g}, --bai.noise_units {th.noise_units:g})"),
+    Detector("entropy_collapse", "entropy", _entropy_collapse, "bai/entropy_ratio", peak=True,
+             describe=lambda lv, s, th: f"entropy collapse: policy entropy level {lv.value:.3g} at {_pct(lv)} of "
+             f"its highest level {lv.reference:.3g} (--bai.entropy_ratio {th.entropy_ratio:g})"),
+    Detector("kl_blowup", "kl", _kl_blowup, "bai/kl_ratio", hold=True,
+             describe=lambda lv, s, th: f"KL blow-up: KL level {lv.value:.3g} nats against its reference "
+             f"{'-' if lv.reference is None else format(lv.reference, '.3g')} (--bai.kl_limit_nats "
+             f"{th.kl_limit_nats:g}, --bai.kl_factor {th.kl_factor:g})"),
+)
+DETECTORS = tuple(d.name for d in DETECTORS_TABLE)  # what can fire, in the order checked; each is an alarm
+
+
+def new_state(cap: float | None = None) -> dict:
+    """Detector state: plain numbers and lists only, so it fits in client_states and JSON. `cap`: the run's
+    response-length limit in tokens, when known."""
+    return {
+        "version": STATE_VERSION,
+        "steps": 0,
+        "cap": cap,  # the run's length limit; else max_length, the largest max-length metric logged
+        "max_length": None,
+        "signals": {name: _new_track() for name in SIGNAL_KEYS},
+        # step: raised at; run: consecutive log points held; weakest: the strengths of its last patience; sustained:
+        # the step it became strong and sustained (on_collapse acts); strength / max_strength: at the raise and
+        # the highest; extreme: lowest ratio (highest for KL, deepest drawdown for the reward) while judged;
+        # reference: what it was measured against at the raise (else at the extreme); recovery_steps: reward only.
+        "detectors": {d.name: {"step": None, "run": 0, "weakest": None, "sustained": None, "strength": None,
+                               "max_strength": None, "extreme": None, "reference": None, "recovery_steps": None,
+                               "depth": 0.0, "back": 0, "back_step": None}
+                      for d in DETECTORS_TABLE},
+        # What fired, in order: {"detector", "step", "message", "values", "alarm"}; the monitor acts on new entries.
+        "events": [],
+    }
+
+
+def upgrade_state(old: dict, th: Thresholds = Thresholds()) -> dict | None:
+    """A state saved by an older version, carried over where it can be: 0.2's (version 2) smoothed windows become
+    the points the references are taken from, and what it had raised stays raised (not raised again). None for
+    anything else (start afresh)."""
+    if not isinstance(old, dict):
+        return None
+    if old.get("version") == STATE_VERSION:
+        return old
+    if old.get("version") != 2:
+        return None
+    state = new_state()
+    state["steps"] = old.get("steps", 0)
+    for name, track in (old.get("signals") or {}).items():
+        if name in state["signals"]:
+            points = [[int(s), float(v)] for s, v in track.get("window", [])]
+            log = name in LOG_SIGNALS  # the differences again, in the units now judged (0.2 kept raw ones)
+            diffs = [abs(_to(log, b[1]) - _to(log, a[1])) for a, b in zip(points, points[1:]) if a[1] != b[1]]
+            state["signals"][name].update(points=points, diffs=diffs[-NOISE_DIFFS:])
+    for name in DETECTORS:
+        step = (old.get(name) or {}).get("step")
+        if step is not None:
+            state["detectors"][name].update(step=step, sustained=step)
+    return state
+
+
+def _event(state: dict, detector: str, step: int, message: str, values: dict, alarm: bool = True,
+           sustained: bool = False) -> None:
+    """alarm: a detection raised (warn and alert); sustained: one that became strong and sustained (save/stop act)."""
+    state["events"].append({"detector": detector, "step": step, "message": message, "values": values, "alarm": alarm,
+                            "sustained": sustained})
 
 
 def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds = Thresholds()) -> dict:
     """Update `state` with one logged step; return that step's bai/* diagnostics (those it could compute)."""
     state["steps"] += 1
-    signals = state["signals"]
-    values = {name: first_value(metrics, keys) for name, keys in SIGNAL_KEYS.items()}
+    biggest = first_value(metrics, MAX_LENGTH_KEYS)
+    if biggest is not None and biggest > (state["max_length"] or 0):
+        state["max_length"] = biggest
+    levels = {}  # this step's Level of each signal logged at it (one median per signal and step)
+    for name, keys in SIGNAL_KEYS.items():
+        value = first_value(metrics, keys)
+        if value is not None:
+            _feed(state["signals"][name], step, value, th, name in LOG_SIGNALS)
+            levels[name] = _level(state["signals"][name], th, name in LOG_SIGNALS, name == "entropy",
+                                  name not in MEAN_SIGNALS)
     out: dict[str, float] = {}
-
-    truncated = None
-    if values["truncated"] is not None:
-        truncated = _smooth(signals["truncated"], step, values["truncated"], th, max)
-
-    if values["length"] is not None:
-        track, found = signals["length"], state["length_collapse"]
-        smoothed, reference = _smooth(track, step, values["length"], th, max)
-        if reference > 0:
-            ratio = smoothed / reference
-            if found["min_ratio"] is None or ratio < found["min_ratio"]:
-                found["min_ratio"], found["baseline"] = ratio, reference
-            run = _hold(track, ratio < th.collapse_ratio, reference)
-            if run >= th.patience and found["step"] is None and state["truncation_drop"]["step"] is None:
-                _length_fell(state, step, ratio, reference, truncated, th)
-            out["bai/response_length_ratio"] = ratio
-            out["bai/length_collapse"] = float(run >= th.patience and found["step"] is not None)
-            out["bai/truncation_drop"] = float(run >= th.patience and state["truncation_drop"]["step"] is not None)
-    if state["length_collapse"]["step"] is not None:
-        out["bai/length_collapse_step"] = float(state["length_collapse"]["step"])
-
-    if values["reward"] is not None:
-        track, found = signals["reward"], state["hockey_stick"]
-        smoothed, reference = _smooth(track, step, values["reward"], th, max)
-        # Step-to-step noise of the raw reward (MAD of differences / sqrt 2, as a standard deviation); a floor
-        # keeps a flat reward finite.
-        # A median of few differences is itself noisy: widen it while there are few (x2 at 4, x1.25 at 16); with
-        # fewer than 3 the reward has not moved: judged only once it has repeated itself 2 x patience times (flat).
-        diffs = track["diffs"]
-        if len(diffs) >= 3:
-            noise = 1.4826 * _median(diffs) / math.sqrt(2) * (1 + 4 / len(diffs))
-        else:  # too few moves to say yet, unless the reward has stayed flat a while
-            repeats = track["count"] - 1 - len(diffs)
-            noise = 0.0 if repeats >= 2 * th.patience else math.inf
-        noise = max(noise, 1e-3 * (abs(reference) + 1.0))
-        drawdown = (reference - smoothed) / noise
-        run = _hold(track, drawdown > th.hockey_drawdown, reference)
-        if run >= th.patience and found["step"] is None:
-            found["step"], found["baseline"] = step, reference
-            _event(state, "hockey_stick", step,
-                   f"reward hockey stick: smoothed reward {smoothed:.4g} is {drawdown:.1f} noise units below its "
-                   f"reference {reference:.4g} for {th.patience} log points (--bai.hockey_drawdown "
-                   f"{th.hockey_drawdown:g})",
-                   {"reward": smoothed, "reference": reference, "drawdown": drawdown})
-        if found["step"] is not None:
-            found["depth"] = max(found["depth"], (found["baseline"] - smoothed) / noise)
-            if found["recovery_steps"] is None and smoothed >= found["baseline"] - noise:
-                found["recovery_steps"] = step - found["step"]
-                _event(state, "reward_recovered", step,
-                       f"reward back at its reference {found['recovery_steps']} steps after the drop",
-                       {"recovery_steps": found["recovery_steps"]}, alarm=False)
-        out["bai/reward_drawdown"] = drawdown
-        out["bai/hockey_stick"] = float(run >= th.patience and found["step"] is not None)
-    if state["hockey_stick"]["recovery_steps"] is not None:
-        out["bai/reward_recovery_steps"] = float(state["hockey_stick"]["recovery_steps"])
-
-    if values["entropy"] is not None:
-        track, found = signals["entropy"], state["entropy_collapse"]
-        # Entropy is measured against its peak since the start: falling to a fifth is a collapse at any speed, and
-        # the corpus' healthy runs lose at most three quarters of it.
-        smoothed, reference = _smooth(track, step, values["entropy"], th, max, whole_run=True)
-        if reference > 0:
-            ratio = smoothed / reference
-            if found["min_ratio"] is None or ratio < found["min_ratio"]:
-                found["min_ratio"], found["baseline"] = ratio, reference
-            run = _hold(track, ratio < th.entropy_ratio, reference)
-            if run >= th.patience and found["step"] is None:
-                found["step"], found["baseline"] = step, reference
-                _event(state, "entropy_collapse", step,
-                       f"entropy collapse: smoothed policy entropy {smoothed:.3g} at {ratio:.0%} of its reference "
-                       f"{reference:.3g} for {th.patience} log points (--bai.entropy_ratio {th.entropy_ratio:g})",
-                       {"entropy": smoothed, "reference": reference, "ratio": ratio})
-            out["bai/entropy_ratio"] = ratio
-            out["bai/entropy_collapse"] = float(run >= th.patience)
-
-    if values["kl"] is not None:
-        track, found = signals["kl"], state["kl_blowup"]
-        smoothed, reference = _smooth(track, step, values["kl"], th, _median)
-        ratio = smoothed / max(reference, th.kl_floor)
-        if found["max_ratio"] is None or ratio > found["max_ratio"]:
-            found["max_ratio"] = ratio
-        run = _hold(track, ratio > th.kl_factor, reference)
-        if run >= th.patience and found["step"] is None:
-            found["step"], found["baseline"] = step, reference
-            _event(state, "kl_blowup", step,
-                   f"KL blow-up: smoothed KL {smoothed:.3g} is {ratio:.1f}x its reference "
-                   f"{max(reference, th.kl_floor):.3g} for {th.patience} log points (--bai.kl_factor {th.kl_factor:g})",
-                   {"kl": smoothed, "reference": reference, "ratio": ratio})
-        out["bai/kl_ratio"] = ratio
-        out["bai/kl_blowup"] = float(run >= th.patience)
+    for detector in DETECTORS_TABLE:
+        if detector.signal not in levels:
+            continue
+        track, found = state["signals"][detector.signal], state["detectors"][detector.name]
+        frozen = track["frozen"].get(detector.name)
+        lv = levels[detector.signal] if frozen is None else _with_reference(levels[detector.signal], frozen)
+        strength, measure, candidate = detector.judge(lv, th, state, levels)
+        held = strength > 0 and lv.points >= (1 if detector.hold else th.patience)
+        _track_extreme(detector, found, lv, measure)
+        if (candidate or held) and lv.ref is not None:
+            track["frozen"].setdefault(detector.name, [lv.reference, lv.n_ref])
+        elif not (candidate or held):
+            track["frozen"].pop(detector.name, None)
+        if held:  # weakest: the strengths of the last patience points held
+            found["run"] += 1
+            found["weakest"] = ([] if found["run"] == 1 else found["weakest"])[-(th.patience - 1):] + [strength]
+        else:
+            found["run"], found["weakest"] = 0, None
+        if held and found["run"] >= (th.patience if detector.hold else 1) and found["step"] is None:
+            found.update(step=step, strength=strength, reference=lv.reference)
+            values = {"level": lv.value, "reference": lv.reference, "strength": strength,
+                      detector.measure.removeprefix("bai/"): measure}
+            if detector.signal == "length" and "truncation" in levels:
+                found.update(levels["truncation"])
+                values.update(levels["truncation"])
+            _event(state, detector.name, step, f"{detector.describe(lv, strength, th)}; {strength:.1f} noise units "
+                   "past the threshold", values)
+        if held:
+            found["max_strength"] = max(found["max_strength"] or strength, strength)
+        if (found["step"] is not None and found["sustained"] is None and found["run"] >= th.patience
+                and min(found["weakest"]) >= th.action_strength):
+            found["sustained"] = step
+            _event(state, detector.name, step, f"{detector.name.replace('_', ' ')} (raised at step {found['step']}) "
+                   f"sustained: held {found['run']} log points, each at least {th.action_strength:g} noise units past "
+                   "the threshold (--bai.action_strength)",
+                   {"strength": min(found["weakest"]), "raised_step": found["step"]},
+                   alarm=False, sustained=True)
+        if detector.name == "hockey_stick":
+            _recovery(state, found, lv, step, th)
+        if math.isfinite(measure) and (held or candidate or detector.measure not in out):
+            out[detector.measure] = measure  # two rows share the length ratio: the one holding (frozen) reports it
+        out[f"bai/{detector.name}"] = float(held and found["step"] is not None)
+        out[f"bai/{detector.name}_strength"] = max(strength, -99.0) if math.isfinite(strength) else -99.0
+    found = state["detectors"]
+    if found["length_collapse"]["step"] is not None:
+        out["bai/length_collapse_step"] = float(found["length_collapse"]["step"])
+    if found["hockey_stick"]["recovery_steps"] is not None:
+        out["bai/reward_recovery_steps"] = float(found["hockey_stick"]["recovery_steps"])
     return out
 
 
-def _length_fell(state: dict, step: int, ratio: float, reference: float, truncated, th: Thresholds) -> None:
-    """The length held below collapse_ratio for patience log points: a collapse, or the truncation cap let go."""
-    if truncated is not None:
-        # The truncated share before the fall: the peak of its own window, which still holds the steps before it.
-        now, before = truncated
-        if before >= 0.1 and now <= 0.5 * before:
-            state["truncation_drop"].update(step=step, before=before, after=now)
-            _event(state, "truncation_drop", step,
-                   f"length drop from the truncation cap: smoothed response length at {ratio:.0%} of its reference "
-                   f"({reference:.0f} tokens) while the truncated share fell from {before:.0%} to {now:.0%}: the "
-                   "model stopped hitting the length limit, it did not stop reasoning",
-                   {"response_length_ratio": ratio, "reference": reference, "truncated_before": before,
-                    "truncated_after": now})
-            return
-    state["length_collapse"].update(step=step, baseline=reference)
-    _event(state, "length_collapse", step,
-           f"sequence length collapse: smoothed response length at {ratio:.0%} of its reference ({reference:.0f} "
-           f"tokens) for {th.patience} log points (--bai.collapse_ratio {th.collapse_ratio:g})",
-           {"response_length_ratio": ratio, "reference": reference})
+def _track_extreme(detector: Detector, found: dict, lv: Level, measure: float) -> None:
+    """The lowest ratio (KL: highest; reward: deepest drawdown) seen, and the reference it was measured against."""
+    if not math.isfinite(measure):
+        return
+    worse = max if detector.name in ("kl_blowup", "hockey_stick") else min
+    if found["extreme"] is None or worse(measure, found["extreme"]) == measure:
+        found["extreme"] = measure
+        if found["step"] is None:
+            found["reference"] = lv.reference
+    if detector.name == "hockey_stick" and found["step"] is not None:
+        found["depth"] = max(found["depth"], measure)
+
+
+def _recovery(state: dict, found: dict, lv: Level, step: int, th: Thresholds) -> None:
+    """After a reward drop: the short level back within one noise unit of the reference it fell from, at patience
+    log points in a row; recovery_steps counts from the drop to the first of them."""
+    if found["step"] is None or found["recovery_steps"] is not None or found["run"] > 0:
+        return
+    # Back for patience points in a row: a noisy reward touching its old level once has not recovered.
+    found["back"] = found.get("back", 0) + 1 if lv.short >= found["reference"] - lv.noise_short else 0
+    if found["back"] == 1:
+        found["back_step"] = step
+    if found["back"] >= th.patience:
+        found["recovery_steps"] = found["back_step"] - found["step"]
+        _event(state, "reward_recovered", step,
+               f"reward back at its reference {found['recovery_steps']} steps after the drop: a hockey stick",
+               {"recovery_steps": found["recovery_steps"]}, alarm=False)
 
 
 def verdict(state: dict) -> dict:
     """The run's summary, in the shape `diagnose --json` writes (fields are only ever added, never renamed)."""
-    length, hockey = state["length_collapse"], state["hockey_stick"]
-    entropy, kl, truncation = state["entropy_collapse"], state["kl_blowup"], state["truncation_drop"]
+    d = state["detectors"]
+    length, hockey, entropy, kl, truncation = (d[name] for name in (
+        "length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup", "truncation_drop"))
+
+    def common(found):  # added in 0.3: how strong, and when --bai.on_collapse save/stop would have acted
+        return {"strength": found["strength"], "max_strength": found["max_strength"],
+                "sustained_step": found["sustained"], "reference": found["reference"]}
+
+    lowest_length = min((x for x in (length["extreme"], truncation["extreme"]) if x is not None), default=None)
     return {
         "length_collapse": {"detected": length["step"] is not None, "step": length["step"],
-                            "min_ratio": length["min_ratio"]},
+                            "min_ratio": lowest_length, "untruncated_ratio": length.get("untruncated_ratio"),
+                            **common(length)},
         "hockey_stick": {"detected": hockey["step"] is not None, "drop_step": hockey["step"],
-                         "depth": hockey["depth"], "recovery_steps": hockey["recovery_steps"]},
+                         "depth": hockey["depth"], "recovery_steps": hockey["recovery_steps"],
+                         "recovered": hockey["recovery_steps"] is not None, **common(hockey)},
         "entropy_collapse": {"detected": entropy["step"] is not None, "step": entropy["step"],
-                             "min_ratio": entropy["min_ratio"]},
-        "kl_blowup": {"detected": kl["step"] is not None, "step": kl["step"], "max_ratio": kl["max_ratio"]},
+                             "min_ratio": entropy["extreme"], **common(entropy)},
+        "kl_blowup": {"detected": kl["step"] is not None, "step": kl["step"], "max_ratio": kl["extreme"],
+                      **common(kl)},
         "truncation_drop": {"detected": truncation["step"] is not None, "step": truncation["step"],
-                            "truncated_rate_before": truncation["before"], "truncated_rate_after": truncation["after"]},
+                            "truncated_rate_before": truncation.get("truncated_before"),
+                            "truncated_rate_after": truncation.get("truncated_after"),
+                            "untruncated_ratio": truncation.get("untruncated_ratio"),
+                            "length_cap": state["cap"] or state["max_length"], **common(truncation)},
         "steps": state["steps"],
         # The references the verdicts are measured against: at the detection, else at the lowest point.
-        "baseline_length": length["baseline"],
-        "baseline_reward": hockey["baseline"] if hockey["baseline"] is not None else _peak(state, "reward"),
-        "baseline_entropy": entropy["baseline"],
+        "baseline_length": length["reference"] if length["step"] is not None else
+        (truncation["reference"] if truncation["step"] is not None else length["reference"]),
+        "baseline_reward": hockey["reference"],
+        "baseline_entropy": entropy["reference"],
     }
 
 
-def _peak(state: dict, name: str) -> float | None:
-    window = state["signals"][name]["window"]
-    return max(value for _, value in window) if window else None
-
-
-def analyze(rows: Iterable[tuple[int, Mapping[str, Any]]], th: Thresholds = Thresholds()) -> tuple[dict, list[dict]]:
+def analyze(rows: Iterable[tuple[int, Mapping[str, Any]]], th: Thresholds = Thresholds(),
+            cap: float | None = None) -> tuple[dict, list[dict]]:
     """Run the detectors over a whole series of (step, metrics); return the verdict and each step's output."""
-    state = new_state()
+    state = new_state(cap)
     per_step = [dict(observe(state, step, metrics, th), step=step) for step, metrics in rows]
     return verdict(state), per_step

@@ -19,13 +19,13 @@ FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps")
 
 # (per-step metric, verdict key, where the detection step is, panel title, y label, threshold from Thresholds)
 PANELS = (
-    ("bai/response_length_ratio", "length_collapse", "step", "Response length", "smoothed length / reference",
+    ("bai/response_length_ratio", "length_collapse", "step", "Response length", "length level / reference",
      lambda th: th.collapse_ratio),
     ("bai/reward_drawdown", "hockey_stick", "drop_step", "Reward", "drawdown below reference (noise units)",
-     lambda th: th.hockey_drawdown),
-    ("bai/entropy_ratio", "entropy_collapse", "step", "Policy entropy", "smoothed entropy / reference",
+     lambda th: th.noise_units),
+    ("bai/entropy_ratio", "entropy_collapse", "step", "Policy entropy", "entropy level / highest level",
      lambda th: th.entropy_ratio),
-    ("bai/kl_ratio", "kl_blowup", "step", "KL", "smoothed KL / reference", lambda th: th.kl_factor),
+    ("bai/kl_ratio", "kl_blowup", "step", "KL", "KL level / reference", lambda th: th.kl_factor),
 )
 
 

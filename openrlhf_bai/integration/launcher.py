@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-from openrlhf_bai.diagnostics.detectors import HELP, Thresholds
+from openrlhf_bai.diagnostics.detectors import HELP, RENAMED, Thresholds, renamed_message
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration.hooks import why_no_monitor
 from openrlhf_bai.integration.monitor import CONFIG_ENV, ON_COLLAPSE, check_config, monitor_config
@@ -41,8 +41,6 @@ OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
 OPENRLHF_ENV_VARS = {"TOKENIZERS_PARALLELISM": "true", "NCCL_DEBUG": "WARN", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 ACTOR_FLAGS = ("--actor.model_name_or_path", "--pretrain")  # OpenRLHF 0.10.2 on, before
 CRITIC_FLAGS = ("--critic.model_name_or_path", "--critic_pretrain")
-# Flags renamed in a release, old name -> new name (both without "--bai."): refused naming the replacement.
-RENAMED_BAI_FLAGS: dict[str, str] = {}
 
 
 def add_bai_arguments(parser, actor_init: bool = True) -> None:
@@ -83,6 +81,10 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
     parser.add_argument("--bai.strict_callbacks", action="store_true",
                         help="let a failing user callback (register_callback, openrlhf_bai.callbacks entry points) "
                              "end training; by default it is logged once and counted in bai/monitor_errors")
+    parser.add_argument("--bai.entropy", choices=("on", "off"), default="on",
+                        help="on (default): add --actor.entropy_coef 0 to an OpenRLHF 0.11 command that does not set "
+                             "it, so OpenRLHF logs entropy_loss (the entropy detector's signal) without changing the "
+                             "loss; off: leave the command as it is")
     for name, default in asdict(th).items():  # the detectors' thresholds (openrlhf_bai.diagnostics.detectors)
         parser.add_argument(f"--bai.{name}", type=type(default), default=default, metavar="X",
                             help=f"{HELP[name]} (default {default})")
@@ -258,6 +260,14 @@ def openrlhf_version() -> tuple[int, ...] | None:
         return None
 
 
+def nested_flags() -> bool | None:
+    """Whether the installed OpenRLHF takes the nested flags (--actor.model_name_or_path, --actor.entropy_coef): they
+    came with openrlhf/utils/config.py (0.10.2). None: no OpenRLHF installed."""
+    if openrlhf_version() is None:
+        return None
+    return any(str(file) == "openrlhf/utils/config.py" for file in importlib.metadata.files("openrlhf") or ())
+
+
 def driver_runtime_env(bai) -> dict:
     """The runtime_env for ray.init: OpenRLHF's env_vars, the monitor's settings, the worker setup hook. Under
     `ray job submit` Ray refuses a driver runtime_env that sets a key the job's sets again; the job's keys win."""
@@ -313,6 +323,7 @@ def run(argv: list[str]) -> int:
         if given:
             raise BAIError(f"{' '.join(given)} given without --actor_init bai; add --actor_init bai to merge")
 
+    rest = with_entropy_logged(rest, bai)
     command = [sys.executable, "-m", OPENRLHF_CLI, *rest]
     if bai.merge_only:
         print(" ".join(map(shell_quote, command)))
@@ -340,12 +351,25 @@ def refuse_unknown_bai_flags(rest: list[str], known: list[str]) -> None:
         flag = arg.split("=", 1)[0]
         if not flag.startswith("--bai"):  # OpenRLHF has no --bai* flag
             continue
-        renamed = RENAMED_BAI_FLAGS.get(flag.removeprefix("--bai."))
-        if renamed:
-            raise BAIError(f"{flag} was renamed: use {bai_flag(renamed)}")
+        if flag.removeprefix("--bai.") in RENAMED:  # a threshold of an older release: name its replacement
+            raise BAIError(renamed_message(flag.removeprefix("--bai.")))
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see openrlhf-bai train-ppo --help"
         raise BAIError(f"unknown flag {flag}; {hint}")
+
+
+ENTROPY_FLAG = "--actor.entropy_coef"  # OpenRLHF 0.11: None (default) computes no entropy; 0 logs it, loss unchanged
+
+
+def with_entropy_logged(rest: list[str], bai) -> list[str]:
+    """OpenRLHF's arguments plus --actor.entropy_coef 0 where the command does not set it (--bai.entropy on, the
+    monitor on, an OpenRLHF with nested flags): OpenRLHF then computes the token entropy from the actor's logits it already has and logs it as
+    entropy_loss; with 0 it never enters the loss (ppo_actor.py: `if entropy_coef != 0: loss -= ...`)."""
+    if bai.entropy == "off" or bai.stability == "off" or nested_flags() is False:
+        return rest  # nothing would read it; OpenRLHF before the nested flags spells it differently
+    if any(arg.split("=", 1)[0] == ENTROPY_FLAG for arg in rest):
+        return rest
+    return [*rest, ENTROPY_FLAG, "0"]
 
 
 def shell_quote(arg: str) -> str:
@@ -374,8 +398,7 @@ def _actor_init_bai(rest: list[str], bai) -> list[str]:
     if present:
         style = ACTOR_FLAGS.index(present[0])
     else:  # no actor path given: the installed OpenRLHF's spelling (nested flags came with openrlhf/utils/config.py)
-        files = {str(file) for file in importlib.metadata.files("openrlhf") or ()} if openrlhf_version() else None
-        style = 1 if files is not None and "openrlhf/utils/config.py" not in files else 0
+        style = 1 if nested_flags() is False else 0
     actor_flag, critic_flag = ACTOR_FLAGS[style], CRITIC_FLAGS[style]
 
     def last_index(flag):  # argparse keeps the last occurrence

@@ -5,10 +5,13 @@ the step's metrics into bai/* metrics, which are
 - added to the step's logs, so OpenRLHF's own wandb and TensorBoard loggers write them as train/bai/...;
 - kept in client_states, so a run resumed from an OpenRLHF checkpoint keeps its baseline;
 - appended, with the step's other numbers, to <ckpt.path>/bai_diagnostics.jsonl (`openrlhf-bai diagnose` reads it).
-When a detector fires (any detector: it is an alarm event in the detectors' state): a warning through OpenRLHF's
-logger, then per --bai.on_collapse nothing more (warn), an OpenRLHF checkpoint at that step (save), or that
-checkpoint and the end of training (stop); then an alert: one JSON POST to --bai.alert_url from a thread of its own,
-and wandb's alert on the run OpenRLHF's wandb logger opened.
+When a detector fires (any detector: an alarm event in the detectors' state), a warning through OpenRLHF's logger
+and an alert, both with the detection's strength (noise units past its threshold): one JSON POST to
+--bai.alert_url from a thread of its own, and wandb's alert on the run OpenRLHF's wandb logger opened. The step's
+bai/<detector>_strength metric carries the same number. --bai.on_collapse save (an OpenRLHF checkpoint at that
+step) or stop (that checkpoint and the end of training) acts only on a detection that is strong and sustained:
+held at --bai.patience consecutive log points, each at least --bai.action_strength noise units past its
+threshold (a "sustained" event in the detectors' state); with warn, nothing more happens.
 
 Whatever fails in here is reported by hooks.run_callbacks (logged once, counted in bai/monitor_errors) and the step
 goes on; the steps above run in that order so that a failure late (the JSONL file) spares what came before.
@@ -32,7 +35,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict
 
-from openrlhf_bai.diagnostics.detectors import STATE_VERSION, Thresholds, make_thresholds, new_state, observe
+from openrlhf_bai.diagnostics.detectors import Thresholds, make_thresholds, new_state, observe, upgrade_state
 from openrlhf_bai.errors import BAIError
 from openrlhf_bai.integration.hooks import report_error, request_checkpoint, request_stop, resumed_states
 
@@ -87,16 +90,23 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
         config = {**DEFAULTS, **given}
         check_config(config)
         trainer.bai_strict_callbacks = config["strict_callbacks"]  # read by hooks.run_callbacks
-        resumed = resumed_states(trainer).get(STATE_KEY)
-        if resumed and resumed.get("version") != STATE_VERSION:  # saved by 0.1's detectors: start afresh
-            resumed = None
-        run = trainer._bai_monitor = {
-            "config": config,
-            "thresholds": make_thresholds(config),
-            "state": copy.deepcopy(resumed) if resumed else new_state(),
-        }
+        saved = resumed_states(trainer).get(STATE_KEY)
+        th = make_thresholds(config)
+        # 0.2's state (version 2) is carried over (its windows become the references, what it raised stays raised);
+        # 0.1's has no version: start afresh.
+        resumed = upgrade_state(copy.deepcopy(saved), th) if saved else None
+        run = trainer._bai_monitor = {"config": config, "thresholds": th, "state": resumed or new_state()}
+        # The run's response-length cap, so a length drop can be told from the cap letting go (0.11; older: 0.10).
+        rollout = getattr(args, "rollout", None)
+        cap = getattr(rollout, "max_new_tokens", None) or getattr(args, "generate_max_len", None)
+        if isinstance(cap, numbers.Real) and not isinstance(cap, bool) and cap > 0:
+            run["state"]["cap"] = float(cap)
         if resumed:
-            logger.info(f"[openrlhf-bai] monitor resumed after {resumed['steps']} steps with its references")
+            logger.info(f"[openrlhf-bai] monitor resumed after {resumed['steps']} steps with its references"
+                        + ("" if saved.get("version") == resumed["version"] else
+                           f" (state of version {saved.get('version')} carried over)"))
+        elif saved:
+            logger.info("[openrlhf-bai] monitor state saved by an older version without references: starting afresh")
     if run["config"]["stability"] == "off":
         return
 
@@ -107,24 +117,31 @@ def stability_monitor(trainer, global_step: int, logs_dict: dict, client_states:
     # pickle round trip in memory copies 5x faster than deepcopy (nothing is read from disk here).
     client_states[STATE_KEY] = pickle.loads(pickle.dumps(state))
 
-    fired = []
+    fired, sustained = [], []
     for event in state["events"][seen:]:
         if event["alarm"]:
             fired.append(event)
+        elif event.get("sustained"):
+            sustained.append(event)
         else:
             logger.info(f"[openrlhf-bai] step {global_step}: {event['message']}")
+    action = config["on_collapse"]  # one action for every detector
     if fired and not run.get("stopping"):
-        action = config["on_collapse"]  # one action for every detector
         for event in fired:
-            logger.warning(f"[openrlhf-bai] step {global_step}: {event['message']}; "
-                           f"--bai.on_collapse {action}: {CONSEQUENCE[action]}")
+            logger.warning(f"[openrlhf-bai] step {global_step}: {event['message']}; --bai.on_collapse {action}: "
+                           + (CONSEQUENCE[action] if action == "warn" else f"{action} once it is sustained"))
+    if sustained and action != "warn" and not run.get("stopping"):  # with warn, the raise was the one message
+        for event in sustained:
+            logger.warning(f"[openrlhf-bai] step {global_step}: {event['message']}; --bai.on_collapse {action}: "
+                           f"{CONSEQUENCE[action]}")
         if action == "save":
             request_checkpoint(trainer)
         elif action == "stop":
             request_stop(trainer)
             run["stopping"] = True  # steps still logged before the loop ends (async queue) save nothing more
+    if fired or (sustained and action != "warn"):
         try:  # a failing alert must not cost the step its JSONL row
-            for event in fired:
+            for event in fired + (sustained if action != "warn" else []):
                 alert(trainer, config, event, action)
         except Exception as e:
             report_error(trainer, "alert", e)
@@ -143,8 +160,10 @@ def alert(trainer, config: dict, event: dict, action: str) -> None:
     """One detection to the outside: wandb's alert on OpenRLHF's wandb run, and a POST to --bai.alert_url."""
     args = trainer.args
     run_name = getattr(getattr(getattr(args, "logger", None), "wandb", None), "run_name", None)
+    sustained = action == "warn" or event.get("sustained")
+    consequence = CONSEQUENCE[action] if sustained else f"{action} once it is sustained"
     text = f"[openrlhf-bai] {run_name or args.ckpt.path}, step {event['step']}: {event['message']}; " \
-           f"--bai.on_collapse {action}: {CONSEQUENCE[action]}"
+           f"--bai.on_collapse {action}: {consequence}"
     wandb_logger = getattr(trainer, "wandb_logger", None)
     if wandb_logger is not None:  # its handle is the wandb module, whose run is the one OpenRLHF's logger opened
         wandb = wandb_logger.handle
@@ -155,7 +174,8 @@ def alert(trainer, config: dict, event: dict, action: str) -> None:
         "text": text,  # Slack's incoming webhooks show `text`,
         "content": text[:2000],  # Discord's show `content` (at most 2000 characters)
         "run": run_name, "ckpt_path": args.ckpt.path, "step": event["step"], "detector": event["detector"],
-        "message": event["message"], "action": action,
+        "message": event["message"], "action": action, "sustained": bool(event.get("sustained")),
+        "strength": event["values"].get("strength"),
         "values": {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None
                    for k, v in event["values"].items()},
     }
