@@ -87,13 +87,16 @@ def test_merge_only_prints_a_command_that_openrlhfs_own_cli_takes(version, relea
     assert run.returncode == 0, run.stderr
     command = shlex.split(run.stdout.strip().splitlines()[-1])
     actor_flag = "--pretrain" if version == OLDER else "--actor.model_name_or_path"  # the release's own spelling
-    assert command[:4] == [sys.executable, "-m", "openrlhf.cli.train_ppo_ray", actor_flag] and len(command) == 5
+    flags = [arg for arg in command[3:] if arg.startswith("--")]
+    # The actor in the release's spelling; the entropy logged (--actor.entropy_coef 0) where the release's flags nest.
+    assert command[:4] == [sys.executable, "-m", "openrlhf.cli.train_ppo_ray", actor_flag]
+    assert flags == [actor_flag] + ([] if version == OLDER else ["--actor.entropy_coef"])
     merged = Path(command[4])
     assert json.loads((merged / PROVENANCE).read_text())["recipe"]["sft"] == [fam["sft_instruct"], fam["sft_reasoning"]]
     helped = subprocess.run([sys.executable, "-m", "openrlhf.cli.train_ppo_ray", "--help"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert helped.returncode == 0, helped.stderr
-    assert f"  {actor_flag} " in helped.stdout  # a flag of that release's CLI
+    assert all(f"  {flag} " in helped.stdout for flag in flags)  # every flag is one of that release's CLI
 
 
 def test_an_older_openrlhf_gets_one_line_and_trains_without_the_monitor(releases, shim):

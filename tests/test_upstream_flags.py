@@ -36,7 +36,9 @@ def test_recipe_flags_through_the_patched_parser_give_the_launchers_cache_direct
     ours = subprocess.run([sys.executable, "-m", "openrlhf_bai.cli.train_ppo_ray", "--actor_init", "bai", *recipe,
                            "--bai.merge_only"], env=env, capture_output=True, text=True, timeout=300)
     assert ours.returncode == 0, ours.stderr
-    assert ours.stdout.strip().splitlines()[-1].split()[-1] == str(merged)  # the same recipe hash, the same cache
+    command = ours.stdout.strip().splitlines()[-1].split()
+    # The same recipe hash, the same cache directory.
+    assert command[command.index("--actor.model_name_or_path") + 1] == str(merged)
 
 
 def test_a_misspelled_flag_stops_the_patched_parser_before_the_merge(patched, llama_family, tmp_path):
