@@ -23,23 +23,17 @@ REAL = real_curves(DATA / "curves")
 # and how; each is discussed in the detectors' documentation. A change in any of them fails the test below, so an
 # improvement is noticed too (then remove its line).
 DISAGREE = {
-    # Deep dips of noisy small-batch runs (1 prompt x 6 or 2 completions a step) that came back later: the label
-    # sees the whole log, a live detector cannot.
-    ("basile-qwen25-grpo-gsm8k-noisy-decline", "length_collapse"): "false alarm",
-    ("unsloth-mistral-7b-grpo-gsm8k", "length_collapse"): "false alarm",
+    # A 2-completion run whose length level sits at 50-60 % of its reference for ~130 steps (from step 286, 5-point
+    # level down to 0.25 of the start) and comes back above 60 % only in its last ~10 steps: the label sees the whole
+    # log, a live detector cannot. At 289 the 5-point level is 0.47 of its reference, 2.0 noise units past the ratio.
     ("unsloth-gptoss-20b-bf16-grpo-2048-game", "length_collapse"): "false alarm",
-    # A 2-completion run whose length slides from ~450 to ~45 tokens over steps 160-300: raised at 187, when its
-    # level first fell below 60 % of its reference; the label's onset (199) is where its level stays below 50 %.
-    ("unsloth-gptoss-20b-grpo-2048-game-1000-steps", "length_collapse"): "early",
-    # KL above 1 nat on 5 of the last 6 points of a 29-point log: too short for the label's rule, not for ours.
+    # KL above 1 nat on 5 of the last 6 points of a 29-point log: too short for the label's rule (2-point window,
+    # 3 consecutive levels), not for ours (held at 3 points in a row).
     ("unsloth-gptoss-20b-grpo-2048-openenv", "kl_blowup"): "false alarm",
     # A bimodal 2-completion reward that was high for only 12 steps before falling: its windowed reference never
     # rose far enough for the fall to be half of it; the other is labelled borderline.
     ("unsloth-gemma4-e2b-grpo-sudoku", "hockey_stick"): "miss",
     ("unsloth-gptoss-20b-bf16-grpo-kernels", "hockey_stick"): "miss",
-    # Entropy that declines for hundreds of steps: our level crosses 20 % of its highest level (and 0.1 nat) 9 log
-    # points before the label's 5-point level stays below 20 % of the start.
-    ("verl-qwen25-05b-ppo-gsm8k-resp256", "entropy_collapse"): "early",
 }
 
 
