@@ -198,3 +198,13 @@ def test_diagnose_on_published_verl_runs_compares_them_in_one_plot(tmp_path, cap
     assert [v["entropy_collapse"]["detected"] for v in verdicts] == [False, True]
     assert not any(v["length_collapse"]["detected"] or v["kl_blowup"]["detected"] for v in verdicts)
     assert (tmp_path / "verl.png").stat().st_size > 20_000
+
+
+def test_a_noisy_dip_that_only_touches_the_ratio_is_not_a_collapse_unless_ratio_units_is_0(tmp_path, capsys):
+    # 1 prompt x 6 completions a step: the 5-point length level touches 56 % of its reference at step 88 (0.4 of
+    # its own noise units past 60 %) and comes back; the label says healthy. --ratio-units 0 is the ratio test alone.
+    log = str(DATA / "curves" / "basile-qwen25-grpo-gsm8k-noisy-decline" / "curve.csv")
+    assert cli(["diagnose", log, "--json", str(tmp_path / "default.json")]) == 0
+    assert not json.loads((tmp_path / "default.json").read_text())["length_collapse"]["detected"]
+    cli(["diagnose", log, "--ratio-units", "0", "--json", str(tmp_path / "ratio-only.json")])
+    assert json.loads((tmp_path / "ratio-only.json").read_text())["length_collapse"]["step"] == 88
