@@ -49,7 +49,7 @@ SIGNAL_OF = {"length_collapse": "length", "truncation_drop": "length", "hockey_s
              "entropy_collapse": "entropy", "kl_blowup": "kl"}
 SIMPLE = ("length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup")
 GRID = {"noise_units": (2.0, 3.0, 4.0), "collapse_ratio": (0.5, 0.6, 0.7), "entropy_ratio": (0.15, 0.2, 0.25),
-        "reward_drop": (0.3, 0.5)}
+        "reward_drop": (0.3, 0.5), "ratio_units": (1.0, 2.0, 3.0)}
 
 
 def ensure_deps() -> None:

@@ -23,23 +23,17 @@ REAL = real_curves(DATA / "curves")
 # and how; each is discussed in the detectors' documentation. A change in any of them fails the test below, so an
 # improvement is noticed too (then remove its line).
 DISAGREE = {
-    # Deep dips of noisy small-batch runs (1 prompt x 6 or 2 completions a step) that came back later: the label
-    # sees the whole log, a live detector cannot.
-    ("basile-qwen25-grpo-gsm8k-noisy-decline", "length_collapse"): "false alarm",
-    ("unsloth-mistral-7b-grpo-gsm8k", "length_collapse"): "false alarm",
+    # A 2-completion run whose length level sits at 50-60 % of its reference for ~130 steps (from step 286, 5-point
+    # level down to 0.25 of the start) and comes back above 60 % only in its last ~10 steps: the label sees the whole
+    # log, a live detector cannot. At 289 the 5-point level is 0.47 of its reference, 2.0 noise units past the ratio.
     ("unsloth-gptoss-20b-bf16-grpo-2048-game", "length_collapse"): "false alarm",
-    # A 2-completion run whose length slides from ~450 to ~45 tokens over steps 160-300: raised at 187, when its
-    # level first fell below 60 % of its reference; the label's onset (199) is where its level stays below 50 %.
-    ("unsloth-gptoss-20b-grpo-2048-game-1000-steps", "length_collapse"): "early",
-    # KL above 1 nat on 5 of the last 6 points of a 29-point log: too short for the label's rule, not for ours.
+    # KL above 1 nat on 5 of the last 6 points of a 29-point log: too short for the label's rule (2-point window,
+    # 3 consecutive levels), not for ours (held at 3 points in a row).
     ("unsloth-gptoss-20b-grpo-2048-openenv", "kl_blowup"): "false alarm",
     # A bimodal 2-completion reward that was high for only 12 steps before falling: its windowed reference never
     # rose far enough for the fall to be half of it; the other is labelled borderline.
     ("unsloth-gemma4-e2b-grpo-sudoku", "hockey_stick"): "miss",
     ("unsloth-gptoss-20b-bf16-grpo-kernels", "hockey_stick"): "miss",
-    # Entropy that declines for hundreds of steps: our level crosses 20 % of its highest level (and 0.1 nat) 9 log
-    # points before the label's 5-point level stays below 20 % of the start.
-    ("verl-qwen25-05b-ppo-gsm8k-resp256", "entropy_collapse"): "early",
 }
 
 
@@ -204,3 +198,13 @@ def test_diagnose_on_published_verl_runs_compares_them_in_one_plot(tmp_path, cap
     assert [v["entropy_collapse"]["detected"] for v in verdicts] == [False, True]
     assert not any(v["length_collapse"]["detected"] or v["kl_blowup"]["detected"] for v in verdicts)
     assert (tmp_path / "verl.png").stat().st_size > 20_000
+
+
+def test_a_noisy_dip_that_only_touches_the_ratio_is_not_a_collapse_unless_ratio_units_is_0(tmp_path, capsys):
+    # 1 prompt x 6 completions a step: the 5-point length level touches 56 % of its reference at step 88 (0.4 of
+    # its own noise units past 60 %) and comes back; the label says healthy. --ratio-units 0 is the ratio test alone.
+    log = str(DATA / "curves" / "basile-qwen25-grpo-gsm8k-noisy-decline" / "curve.csv")
+    assert cli(["diagnose", log, "--json", str(tmp_path / "default.json")]) == 0
+    assert not json.loads((tmp_path / "default.json").read_text())["length_collapse"]["detected"]
+    cli(["diagnose", log, "--ratio-units", "0", "--json", str(tmp_path / "ratio-only.json")])
+    assert json.loads((tmp_path / "ratio-only.json").read_text())["length_collapse"]["step"] == 88

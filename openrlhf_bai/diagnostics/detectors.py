@@ -26,8 +26,9 @@ conditions); a condition holds at a log point when its strength is > 0. It is ra
 (KL: once held at `patience` points in a row), and it is **sustained** (what --bai.on_collapse save/stop acts
 on) once it has held at `patience` consecutive log points, each at least `action_strength` noise units past.
 
-- length_collapse: short level < `collapse_ratio` x reference, and the long level `noise_units` below it; unless
-  the truncated share explains it (then truncation_drop).
+- length_collapse: short level < `collapse_ratio` x reference by `ratio_units` of its own noise (a median of 5
+  points of a 2-completion run that merely touches the ratio is noise), and the long level `noise_units` below the
+  reference; unless the truncated share explains it (then truncation_drop).
 - truncation_drop: the same fall, explained by the truncation cap: the mean length of the responses that were NOT
   truncated, estimated from the cap C, the truncated share r and the mean m as (m - r C) / (1 - r), stayed at or
   above `collapse_ratio` x its own reference. The cap is the run's (--rollout.max_new_tokens; diagnose
@@ -37,7 +38,8 @@ on) once it has held at `patience` consecutive log points, each at least `action
   below it (a reward that falls by half and stays down is raised: the drop of a hockey stick that has not
   recovered); recovered once the short level is back within one noise unit of the reference at `patience`
   points in a row, recovery_steps after the drop.
-- entropy_collapse: entropy below `entropy_ratio` x its highest level and below `entropy_nats`, by `noise_units`.
+- entropy_collapse: entropy below `entropy_ratio` x its highest level (by `ratio_units`) and below `entropy_nats`,
+  the long level `noise_units` below its highest level.
 - kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
   raised), and, while the run's reference is below that limit, above `kl_factor` x the reference (its own
   trajectory), held at `patience` points in a row (KL estimates spike on single steps).
@@ -79,6 +81,7 @@ class Thresholds:
     reference_steps: int = 100  # steps over which the reference (median of the raw values) is taken
     level_steps: int = 20  # steps over which the long level (a trimmed mean) is taken, for the noise test
     noise_units: float = 3.0  # every fall must also be this many noise units of the level
+    ratio_units: float = 2.0  # the short level must be past its ratio by this many of its own noise units
     collapse_ratio: float = 0.6  # length level / reference below this is a length collapse
     reward_drop: float = 0.5  # the reward level falling by this share of |reference| is a drop
     entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
@@ -94,6 +97,7 @@ LIMITS = {
     "reference_steps": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
     "level_steps": ("an integer >= 1", lambda v: v == int(v) and v >= 1),
     "noise_units": (">= 0", lambda v: v >= 0),
+    "ratio_units": (">= 0", lambda v: v >= 0),
     "collapse_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
     "reward_drop": ("in (0, 1]", lambda v: 0 < v <= 1),
     "entropy_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
@@ -107,6 +111,9 @@ HELP = {
     "reference_steps": "steps over which each signal's reference (the median of its values) is taken",
     "level_steps": "steps over which the level the noise test judges (a trimmed mean) is taken",
     "noise_units": "noise units of the level every fall must also exceed",
+    "ratio_units": "noise units of the short level by which a length or entropy level must be past its ratio "
+                   "(collapse_ratio, entropy_ratio): a level that merely touches the ratio within its own noise "
+                   "is not a collapse",
     "collapse_ratio": "response length level / reference below this is a length collapse",
     "reward_drop": "the reward level falling by this share of |reference| is a reward drop (a hockey stick's)",
     "entropy_ratio": "entropy level / its highest level since the start below this is an entropy collapse",
@@ -311,11 +318,13 @@ def _with_reference(lv: Level, frozen: list) -> Level:
 
 
 def _fall(ratio_limit: float, lv: Level, th: Thresholds) -> tuple[float, float, bool]:
-    """A positive signal (judged on logs) falling below ratio_limit x its reference, by noise_units."""
+    """A positive signal (judged on logs) falling below ratio_limit x its reference: the short level past the ratio
+    by ratio_units of its own noise (a 5-point median of a 2-completion run that touches the ratio is noise, not a
+    fall), and the long level noise_units below the reference. The reference freezes on the ratio alone."""
     if lv.ref is None:
         return -math.inf, math.nan, False
     log_limit = math.log(ratio_limit)
-    strength = min((log_limit - (lv.short - lv.ref)) / lv.noise_short,
+    strength = min((log_limit - (lv.short - lv.ref)) / lv.noise_short - th.ratio_units,
                    (lv.ref - lv.long) / lv.noise_long - th.noise_units)
     return strength, math.exp(lv.short - lv.ref), lv.short - lv.ref < log_limit
 
