@@ -11,21 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from openrlhf_bai.atomic import write_atomic
-from openrlhf_bai.diagnostics.detectors import Thresholds
+from openrlhf_bai.diagnostics.detectors import SIGNAL_KEYS, Thresholds, first_value
 from openrlhf_bai.errors import BAIError
 
 # What a figure path may end with: the format is the suffix's (matplotlib writes each without extra packages).
 FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps")
 
-# (per-step metric, verdict key, where the detection step is, panel title, y label, threshold from Thresholds)
+# (per-step metric, verdict key, where the detection step is, panel title, y label, threshold from Thresholds,
+#  the logged signal drawn faintly on a right axis when the figure shows one run)
 PANELS = (
     ("bai/response_length_ratio", "length_collapse", "step", "Response length", "length level / reference",
-     lambda th: th.collapse_ratio),
+     lambda th: th.collapse_ratio, "length"),
     ("bai/reward_drawdown", "hockey_stick", "drop_step", "Reward", "drawdown below reference (noise units)",
-     lambda th: th.noise_units),
+     lambda th: th.noise_units, "reward"),
     ("bai/entropy_ratio", "entropy_collapse", "step", "Policy entropy", "entropy level / highest level",
-     lambda th: th.entropy_ratio),
-    ("bai/kl_ratio", "kl_blowup", "step", "KL", "KL level / reference", lambda th: th.kl_factor),
+     lambda th: th.entropy_ratio, "entropy"),
+    ("bai/kl_ratio", "kl_blowup", "step", "KL", "KL level / reference", lambda th: th.kl_factor, "kl"),
 )
 
 
@@ -44,7 +45,16 @@ def plot_runs(path: str | Path, runs: list[dict], th: Thresholds) -> None:
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     colors = [f"C{i % 10}" for i in range(len(runs))]
 
-    for ax, (metric, key, step_key, title, ylabel, threshold) in zip(axes, panels):
+    for ax, (metric, key, step_key, title, ylabel, threshold, signal) in zip(axes, panels):
+        if len(runs) == 1 and runs[0].get("rows"):
+            # The numbers as logged, every point: the detector's view starts only once it has a reference.
+            logged = [(step, first_value(m, SIGNAL_KEYS[signal])) for step, m in runs[0]["rows"]]
+            logged = [(step, v) for step, v in logged if v is not None]
+            if logged:
+                right = ax.twinx()
+                right.plot([s for s, _ in logged], [v for _, v in logged], color="grey", lw=0.9, alpha=0.6)
+                right.set_ylabel(f"{signal} as logged", fontsize="small", color="grey")
+                right.tick_params(axis="y", labelcolor="grey", labelsize="small")
         for run, color in zip(runs, colors):
             points = [(p["step"], p[metric]) for p in run["per_step"] if metric in p]
             if not points:
@@ -73,7 +83,7 @@ def plot_runs(path: str | Path, runs: list[dict], th: Thresholds) -> None:
         Line2D([], [], color=grey, ls=":", lw=1.2, label="threshold"),
         Line2D([], [], color=grey, marker="X", mec="black", ls="--", lw=0.8, label="detected here"),
         Line2D([], [], color=grey, ls="-.", lw=0.8, label="length drop from the truncation cap"),
-    ]
+    ] + ([Line2D([], [], color="grey", lw=0.9, alpha=0.6, label="as logged (right axis)")] if len(runs) == 1 else [])
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")
 
     save_figure(fig, path)
