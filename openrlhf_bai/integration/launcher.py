@@ -82,9 +82,9 @@ def add_bai_arguments(parser, actor_init: bool = True) -> None:
                         help="let a failing user callback (register_callback, openrlhf_bai.callbacks entry points) "
                              "end training; by default it is logged once and counted in bai/monitor_errors")
     parser.add_argument("--bai.entropy", choices=("on", "off"), default="on",
-                        help="on (default): add --actor.entropy_coef 0 to an OpenRLHF 0.11 command that does not set "
-                             "it, so OpenRLHF logs entropy_loss (the entropy detector's signal) without changing the "
-                             "loss; off: leave the command as it is")
+                        help="on (default): add --actor.entropy_coef 0 to an OpenRLHF command (0.10.2 on) that "
+                             "does not set it, so OpenRLHF logs entropy_loss (the entropy detector's signal) without "
+                             "changing the loss; off: leave the command as it is")
     for name, default in asdict(th).items():  # the detectors' thresholds (openrlhf_bai.diagnostics.detectors)
         parser.add_argument(f"--bai.{name}", type=type(default), default=default, metavar="X",
                             help=f"{HELP[name]} (default {default})")
@@ -253,19 +253,14 @@ def _merge_on_this_node(recipe, output_dir: str, overwrite: bool, expected_hash:
     return node, plan.recipe_hash, None
 
 
-def openrlhf_version() -> tuple[int, ...] | None:
-    try:
-        return tuple(int(part) for part in importlib.metadata.version("openrlhf").split(".")[:2])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return None
-
-
 def nested_flags() -> bool | None:
     """Whether the installed OpenRLHF takes the nested flags (--actor.model_name_or_path, --actor.entropy_coef): they
     came with openrlhf/utils/config.py (0.10.2). None: no OpenRLHF installed."""
-    if openrlhf_version() is None:
+    try:
+        files = importlib.metadata.files("openrlhf") or ()
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return any(str(file) == "openrlhf/utils/config.py" for file in importlib.metadata.files("openrlhf") or ())
+    return any(str(file) == "openrlhf/utils/config.py" for file in files)
 
 
 def driver_runtime_env(bai) -> dict:
@@ -358,13 +353,13 @@ def refuse_unknown_bai_flags(rest: list[str], known: list[str]) -> None:
         raise BAIError(f"unknown flag {flag}; {hint}")
 
 
-ENTROPY_FLAG = "--actor.entropy_coef"  # OpenRLHF 0.11: None (default) computes no entropy; 0 logs it, loss unchanged
+ENTROPY_FLAG = "--actor.entropy_coef"  # OpenRLHF 0.10.2 on: None (default) computes no entropy; 0 logs it, loss unchanged
 
 
 def with_entropy_logged(rest: list[str], bai) -> list[str]:
     """OpenRLHF's arguments plus --actor.entropy_coef 0 where the command does not set it (--bai.entropy on, the
-    monitor on, an OpenRLHF with nested flags): OpenRLHF then computes the token entropy from the actor's logits it already has and logs it as
-    entropy_loss; with 0 it never enters the loss (ppo_actor.py: `if entropy_coef != 0: loss -= ...`)."""
+    monitor on, an OpenRLHF with nested flags): OpenRLHF then computes the token entropy from the actor's logits it
+    already has and logs it as entropy_loss; with 0 it never enters the loss (ppo_actor.py: `if entropy_coef != 0`)."""
     if bai.entropy == "off" or bai.stability == "off" or nested_flags() is False:
         return rest  # nothing would read it; OpenRLHF before the nested flags spells it differently
     if any(arg.split("=", 1)[0] == ENTROPY_FLAG for arg in rest):
