@@ -57,7 +57,10 @@ def _wrap_save_logs(original):
 
 def _wrap_restore(original):
     def restore_best_checkpoint_state(self, checkpoint_states):
-        self.checkpoint_states = dict(checkpoint_states or {})
+        try:
+            self.checkpoint_states = dict(checkpoint_states or {})
+        except Exception as e:  # whatever OpenRLHF restored, its own restore below must still run
+            hooks.report_error(self, "openrlhf_bai.resumed_states", e)
         return original(self, checkpoint_states)
 
     restore_best_checkpoint_state.__wrapped__ = original
@@ -66,7 +69,12 @@ def _wrap_restore(original):
 
 def _wrap_generate_samples(original):
     def generate_samples(self, **generate_kwargs):
-        if stop_published(self.args):
+        try:
+            stop = stop_published(self.args)
+        except Exception as e:  # a lookup that fails is no stop: the rollout goes on
+            stop = False
+            _log_once(e)
+        if stop:
             # What generate_samples returns once the prompts are used up: fit leaves its loops, closes its
             # loggers, and train() saves the final model, as at a normal end.
             return [], None, 0, True
@@ -74,6 +82,16 @@ def _wrap_generate_samples(original):
 
     generate_samples.__wrapped__ = original
     return generate_samples
+
+
+def _log_once(error: Exception) -> None:
+    # No trainer here (a SamplesGenerator) to count it in bai/monitor_errors: OpenRLHF's logger, once per process.
+    if not _log_once.__dict__.get("done"):
+        _log_once.done = True
+        from openrlhf.utils.logging_utils import init_logger
+
+        init_logger("openrlhf_bai").error(f"[openrlhf-bai] reading a stop request failed: {type(error).__name__}: "
+                                          f"{error}; rollouts go on, a requested stop may not end the generator")
 
 
 def _stop_key(args) -> bytes:
