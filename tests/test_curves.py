@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from contextlib import redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,18 +24,15 @@ REAL = real_curves(DATA / "curves")
 # and how; each is discussed in the detectors' documentation. A change in any of them fails the test below, so an
 # improvement is noticed too (then remove its line).
 DISAGREE = {
-    # A 2-completion run whose length level sits at 50-60 % of its reference for ~130 steps (from step 286, 5-point
-    # level down to 0.25 of the start) and comes back above 60 % only in its last ~10 steps: the label sees the whole
-    # log, a live detector cannot. At 289 the 5-point level is 0.47 of its reference, 2.0 noise units past the ratio.
-    ("unsloth-gptoss-20b-bf16-grpo-2048-game", "length_collapse"): "false alarm",
-    # KL above 1 nat on 5 of the last 6 points of a 29-point log: too short for the label's rule (2-point window,
-    # 3 consecutive levels), not for ours (held at 3 points in a row).
-    ("unsloth-gptoss-20b-grpo-2048-openenv", "kl_blowup"): "false alarm",
-    # A bimodal 2-completion reward that was high for only 12 steps before falling: its windowed reference never
-    # rose far enough for the fall to be half of it; the other is labelled borderline.
+    # A bimodal 2 x 2-completion reward that was high for only ~12 steps before falling: its windowed reference never
+    # rose far enough for the fall to be half of it, and the fall is about 2.5 noise units of the level at the
+    # onset + patience + 1, short of 3 (docs/benchmarks.md, "What is still wrong").
     ("unsloth-gemma4-e2b-grpo-sudoku", "hockey_stick"): "miss",
-    ("unsloth-gptoss-20b-bf16-grpo-kernels", "hockey_stick"): "miss",
 }
+# Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
+# (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
+# (unsloth-gptoss-20b-grpo-2048-openenv's KL from step 28).
+RIGHT = ("hit", "quiet", "too short", "borderline quiet", "undecided")
 
 
 def detections(curve):
@@ -56,7 +54,7 @@ def test_real_runs_raise_what_their_labels_say_and_nothing_else(curve):
         if expected:
             assert result["outcome"] == expected, (name, result)
         else:  # a hit is within patience + 1 log points of the labeled onset
-            assert result["outcome"] in ("hit", "quiet", "too short"), (name, result)
+            assert result["outcome"] in RIGHT, (name, result)
 
 
 def test_noisy_small_batch_runs_are_most_of_the_corpus_and_raise_nothing_but_their_labels():
@@ -64,8 +62,29 @@ def test_noisy_small_batch_runs_are_most_of_the_corpus_and_raise_nothing_but_the
         "noise_class") == "noisy-small-batch"]
     assert len(noisy) >= 6
     healthy = [c for c in noisy if not any(e["present"] for e in c["label"].values())]
-    quiet = [c["name"] for c in healthy if not any(detections(c).values())]
-    assert len(quiet) >= len(healthy) - sum(1 for (run, _), o in DISAGREE.items() if o == "false alarm")
+    alarmed = [c["name"] for c in healthy
+               if any(r["outcome"] == "false alarm" for r in score(c, detections(c), TH.patience).values())]
+    assert len(healthy) >= 20 and alarmed == []
+
+
+def test_a_dip_a_hair_past_the_threshold_is_raised_only_once_it_holds():
+    # A 2-completion run's length dips at step 289 to 0.47 of its reference, 0.02 noise units past the threshold,
+    # for two points, and comes back (a healthy run by its label). Raised at once, it would be a false alarm.
+    curve = next(c for c in REAL if c["name"] == "unsloth-gptoss-20b-bf16-grpo-2048-game")
+    assert detections(curve)["length_collapse"] is None
+    at_once = raised(analyze(curve["rows"], replace(TH, raise_units=0.0), cap=curve.get("cap"))[0])
+    assert at_once["length_collapse"] == 289
+
+
+def test_labels_can_leave_a_verdict_open_and_the_score_counts_it_neither_way():
+    kernels = next(c for c in REAL if c["name"] == "unsloth-gptoss-20b-bf16-grpo-kernels")
+    assert kernels["label"]["hockey_stick"]["borderline"]
+    assert score(kernels, {"hockey_stick": None}, 3)["hockey_stick"]["outcome"] == "borderline quiet"
+    assert score(kernels, {"hockey_stick": 84}, 3)["hockey_stick"]["outcome"] == "hit"
+    openenv = next(c for c in REAL if c["name"] == "unsloth-gptoss-20b-grpo-2048-openenv")
+    assert openenv["label"]["kl_blowup"]["undecided_from"] == 28
+    assert score(openenv, {"kl_blowup": 29}, 3)["kl_blowup"]["outcome"] == "undecided"
+    assert score(openenv, {"kl_blowup": 20}, 3)["kl_blowup"]["outcome"] == "false alarm"
 
 
 def test_a_real_collapse_below_the_cap_with_a_falling_truncated_share_is_a_collapse():
@@ -86,6 +105,10 @@ def test_synthetic_shapes_are_raised_in_time_and_healthy_ones_are_not(seed):
             if curve["name"] in ("noisy-small-batch-grpo-later-collapse", "reward-halves-and-stays-batch-8"):
                 # Noisy enough that the fall takes more than patience + 1 points to clear 3 noise units.
                 assert result["outcome"] in ("hit", "late", "quiet"), (curve["name"], name, result)
+            elif curve["name"] == "fig3-hockey-stick" and result["outcome"] == "late":
+                # The drop comes 4 points into the run; in some seeds its first point past the threshold is under
+                # raise_units (0.5) noise units past it, so it is raised at the next: one point past patience + 1.
+                assert result["delay_points"] == TH.patience + 2, result
             else:
                 assert result["outcome"] in ("hit", "quiet"), (curve["name"], name, result)
 
@@ -202,9 +225,10 @@ def test_diagnose_on_published_verl_runs_compares_them_in_one_plot(tmp_path, cap
 
 def test_a_noisy_dip_that_only_touches_the_ratio_is_not_a_collapse_unless_ratio_units_is_0(tmp_path, capsys):
     # 1 prompt x 6 completions a step: the 5-point length level touches 56 % of its reference at step 88 (0.4 of
-    # its own noise units past 60 %) and comes back; the label says healthy. --ratio-units 0 is the ratio test alone.
+    # its own noise units past 60 %) and comes back; the label says healthy. --ratio-units 0 --raise-units 0 is the
+    # ratio test alone, raised at the first point past it.
     log = str(DATA / "curves" / "basile-qwen25-grpo-gsm8k-noisy-decline" / "curve.csv")
     assert cli(["diagnose", log, "--json", str(tmp_path / "default.json")]) == 0
     assert not json.loads((tmp_path / "default.json").read_text())["length_collapse"]["detected"]
-    cli(["diagnose", log, "--ratio-units", "0", "--json", str(tmp_path / "ratio-only.json")])
+    cli(["diagnose", log, "--ratio-units", "0", "--raise-units", "0", "--json", str(tmp_path / "ratio-only.json")])
     assert json.loads((tmp_path / "ratio-only.json").read_text())["length_collapse"]["step"] == 88

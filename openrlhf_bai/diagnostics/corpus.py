@@ -56,6 +56,8 @@ def real_curves(root: str | Path) -> list[dict]:
         kind, rows = read_rows(run / provenance["file"], logging_steps=logging_steps)
         label = _label()
         for name, event in raw.items():
+            if name in label and isinstance(event, dict) and event.get("undecided_from_step") is not None:
+                label[name]["undecided_from"] = event["undecided_from_step"]
             if name in label and isinstance(event, dict) and event.get("present"):
                 onset = event.get("onset_step", event.get("drop_step"))
                 label[name] = {"present": True, "onset": onset, "borderline": bool(event.get("borderline"))}
@@ -188,8 +190,11 @@ def synthetic_curves(seed: int = 0) -> list[dict]:
 def score(curve: dict, detections: dict, patience: int) -> dict:
     """Per event of EVENTS: "hit" (raised within patience + 1 log points of the labeled onset, before or after; with
     the delay in steps and log points, negative when before), "late" / "early" (raised, but further from the
-    onset), "miss", "false alarm" (raised where the label has no event), "quiet" (rightly nothing), or "too short"
-    (an event the log ends fewer than `patience` points after: no detector that waits can raise it).
+    onset), "miss", "false alarm" (raised where the label has no event), "quiet" (rightly nothing), "too short"
+    (an event the log ends fewer than `patience` points after: no detector that waits can raise it), and two that
+    the labels themselves leave open, counted neither way: "borderline quiet" (an event labelled borderline and not
+    raised: by the corpus rule, staying quiet there is not clearly wrong) and "undecided" (raised at or after a
+    label's undecided_from step, where the log ends before the rule can decide).
     `detections` maps event -> step or None; an event absent from it is not scored."""
     steps = [step for step, _ in curve["rows"]]
     result = {}
@@ -199,8 +204,12 @@ def score(curve: dict, detections: dict, patience: int) -> dict:
         label, step = curve["label"][name], detections[name]
         if step is None and label["present"] and sum(s >= label["onset"] for s in steps) < patience:
             result[name] = {"outcome": "too short"}
+        elif step is None and label["present"] and label.get("borderline"):
+            result[name] = {"outcome": "borderline quiet"}
         elif step is None:
             result[name] = {"outcome": "miss" if label["present"] else "quiet"}
+        elif not label["present"] and step >= label.get("undecided_from", math.inf):
+            result[name] = {"outcome": "undecided", "step": step}
         elif not label["present"]:
             result[name] = {"outcome": "false alarm", "step": step}
         else:

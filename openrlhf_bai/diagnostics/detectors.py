@@ -23,7 +23,8 @@ Every signal is judged by robust statistics over windows, and by its own noise:
 
 A detection's **strength** is how far past its threshold it is, in noise units (the smallest margin over its
 conditions); a condition holds at a log point when its strength is > 0. It is raised at the first point it holds
-(KL: once held at `patience` points in a row), and it is **sustained** (what --bai.on_collapse save/stop acts
+at least `raise_units` past its threshold, else once it has held at `patience` points in a row (KL: always once
+held at `patience` points in a row), and it is **sustained** (what --bai.on_collapse save/stop acts
 on) once it has held at `patience` consecutive log points, each at least `action_strength` noise units past.
 
 - length_collapse: short level < `collapse_ratio` x reference by `ratio_units` of its own noise (a median of 5
@@ -88,6 +89,7 @@ class Thresholds:
     entropy_nats: float = 0.1  # nats: ... and the entropy level below this
     kl_limit_nats: float = 1.0  # nats: a KL level above this (and above kl_factor x its reference) is a blow-up
     kl_factor: float = 2.0  # ... and KL level / its reference above this, while the reference is below the limit
+    raise_units: float = 0.5  # noise units past the threshold at its first point to raise; else patience points
     action_strength: float = 1.0  # noise units past the threshold at each of `patience` points: save/stop acts
 
 
@@ -104,6 +106,7 @@ LIMITS = {
     "entropy_nats": ("> 0", lambda v: v > 0),
     "kl_limit_nats": ("> 0", lambda v: v > 0),
     "kl_factor": ("> 1", lambda v: v > 1),
+    "raise_units": (">= 0", lambda v: v >= 0),
     "action_strength": (">= 0", lambda v: v >= 0),
 }
 HELP = {
@@ -121,6 +124,8 @@ HELP = {
     "kl_limit_nats": "nats: a KL level above this (and above kl_factor x its reference, once it has one) is a "
                      "KL blow-up; a run already above it at its first points has no reference and is raised",
     "kl_factor": "a KL blow-up also needs the KL level above this x its reference (while that is below kl_limit_nats)",
+    "raise_units": "noise units past its threshold a detection must be to be raised at its first point; one "
+                   "closer to the threshold is raised once it has held at patience log points in a row",
     "action_strength": "noise units past the threshold a detection keeps for patience log points before "
                        "--bai.on_collapse save/stop acts",
 }
@@ -525,7 +530,9 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
             found["weakest"] = ([] if found["run"] == 1 else found["weakest"])[-(th.patience - 1):] + [strength]
         else:
             found["run"], found["weakest"] = 0, None
-        if held and found["run"] >= (th.patience if detector.hold else 1) and found["step"] is None:
+        # A point a hair past the threshold is as likely noise as a fall: raised at once only raise_units past it.
+        if (held and found["step"] is None and found["run"] >= (th.patience if detector.hold else 1)
+                and (strength >= th.raise_units or found["run"] >= th.patience)):
             found.update(step=step, strength=strength, reference=lv.reference)
             values = {"level": lv.value, "reference": lv.reference, "strength": strength,
                       detector.measure.removeprefix("bai/"): measure}
