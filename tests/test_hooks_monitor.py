@@ -417,21 +417,27 @@ def cpu_samples_generator(args, prompts_dataloader):
     return CPUSamplesGenerator(SimpleNamespace(args=args), prompts_dataloader, None, None, None)
 
 
-def fit_in_worker(root, rows):
-    """Runs in a Ray worker: OpenRLHF's own PPOTrainer.fit loop, with its SamplesGenerator (vLLM's part on CPU) and
-    train_step returning the series' metrics (the PPO update needs GPUs)."""
-    from openrlhf.trainer.ppo_trainer import PPOTrainer
-    from torchdata.stateful_dataloader import StatefulDataLoader
+def series_trainer(root, name, trainer_actor, rows):
+    """(args, actor group, trainer): OpenRLHF's trainer Ray actor class `trainer_actor` as a plain object whose
+    train_step returns the series' metrics (the PPO update needs GPUs) and records the steps it trained."""
 
-    class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
+    class CPUTrainer(trainer_actor.__ray_actor_class__):
         def train_step(self, rollout_samples, global_step):
             self.trained.append(global_step + 1)
             return dict(rows[global_step]), global_step + 1
 
-    args = openrlhf_args(root, "fit")
-    group = RecordingActorGroup()
-    trainer = make_trainer(args, CPUPPOTrainer, group)
+    args, group = openrlhf_args(root, name), RecordingActorGroup()
+    trainer = make_trainer(args, CPUTrainer, group)
     trainer.trained = []
+    return args, group, trainer
+
+
+def fit_in_worker(root, rows):
+    """Runs in a Ray worker: OpenRLHF's own PPOTrainer.fit loop, with its SamplesGenerator (vLLM's part on CPU)."""
+    from openrlhf.trainer.ppo_trainer import PPOTrainer
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    args, group, trainer = series_trainer(root, "fit", PPOTrainer, rows)
     trainer.prompts_dataloader = StatefulDataLoader(list(range(len(rows))), batch_size=1)
     trainer.eval_dataloader = None
     trainer.generate_kwargs = {}
@@ -495,15 +501,7 @@ def async_fit_in_worker(root, rows):
     from ray.util.queue import Queue
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    class CPUTrainingActor(TrainingActor.__ray_actor_class__):
-        def train_step(self, rollout_samples, global_step):
-            self.trained.append(global_step + 1)
-            return dict(rows[global_step]), global_step + 1
-
-    args = openrlhf_args(root, "async")
-    group = RecordingActorGroup()
-    trainer = make_trainer(args, CPUTrainingActor, group)
-    trainer.trained = []
+    args, group, trainer = series_trainer(root, "async", TrainingActor, rows)
     generator = object.__new__(GenerateSamplesActor.__ray_actor_class__)
     generator.args, generator.generate_kwargs, generator.eval_dataloader = args, {}, None
     generator.prompts_dataloader = StatefulDataLoader(list(range(len(rows))), batch_size=1)
