@@ -281,6 +281,10 @@ def main(argv=None) -> int:
              *[m for m in contenders if m != "openrlhf-bai (defaults)"]]
     table("Real runs, all sources (every event a contender covers)",
           {m: [o for o in results[m] if o["origin"] == "real"] for m in order})
+    held_out = {curve["name"] for curve in real if curve.get("held_out")}
+    if held_out:
+        table(f"Held-out real runs ({len(held_out)}; added after the defaults were set, labelled before any detector "
+              "ran on them)", {m: [o for o in results[m] if o["curve"] in held_out] for m in order})
     for source in sources:
         table(f"Real runs of {source}", {m: [o for o in results[m] if o["source"] == source] for m in order})
     table(f"Synthetic shapes x {args.seeds} seeds (reported apart: made by us)",

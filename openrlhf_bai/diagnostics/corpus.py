@@ -68,6 +68,7 @@ def real_curves(root: str | Path) -> list[dict]:
                        "logging_steps": logging_steps, "label": label, "provenance": provenance,
                        "source": raw.get("source") or provenance["repository"],
                        "noise_class": raw.get("noise_class", "unknown"), "batch": raw.get("batch"),
+                       "held_out": raw.get("held_out"),  # the day it was added, labelled, with no detector run on it
                        "max_response_length": raw.get("max_response_length"),
                        "cap": next((src[k] for src in (raw, provenance) for k in CAP_KEYS if src.get(k)), None)})
     return curves
