@@ -88,7 +88,7 @@ def length_collapse(rows, provenance, cap):
                   "truncation_drop": {"present": False, "onset_step": None}}, []
     name = pick(rows, provenance, "length")
     if name is None:
-        notes.append("Length is not logged -> length_collapse/truncation_drop false.")
+        notes.append("Length is not logged -> length_collapse/truncation_drop false")
         for e in out.values():
             e["present"] = None
         return out, notes
@@ -145,7 +145,7 @@ def hockey_stick(rows, provenance):
     ev = {"present": False, "drop_step": None, "recovery_step": None}
     if name is None:
         ev["present"] = None
-        return ev, ["Reward is not logged -> hockey_stick false."]
+        return ev, ["Reward is not logged -> hockey_stick false"]
     steps, values = series(rows, name)
     n = len(values)
     if n < 30:
@@ -196,7 +196,7 @@ def entropy_collapse(rows, provenance):
     ev = {"present": False, "onset_step": None}
     if name is None:
         ev["present"] = None
-        return ev, ["Entropy is not logged -> entropy_collapse false."]
+        return ev, ["Entropy is not logged -> entropy_collapse false"]
     steps, values = series(rows, name)
     k, w = windows(len(values))
     start = statistics.median(values[:k])
@@ -223,7 +223,7 @@ def kl_blowup(rows, provenance):
     ev = {"present": False, "onset_step": None}
     if name is None:
         ev["present"] = None
-        return ev, ["KL is not logged -> kl_blowup false."]
+        return ev, ["KL is not logged -> kl_blowup false"]
     steps, values = series(rows, name)
     k, w = windows(len(values))
     lv = levels(values, w, partial=True)
