@@ -302,8 +302,10 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
         ref, n_ref = (track["peak"], n_short) if len(values) > th.patience else (None, 0)
     else:
         before = values[:-th.patience]
-        # A reward's reference needs patience points: one point of a bimodal reward says nothing of its level.
-        ref, n_ref = (center(before), len(before)) if len(before) >= (1 if robust else th.patience) else (None, 0)
+        # A reward's reference needs as many points as its short level: the mean of a few points of a skewed reward
+        # (mostly failures, an occasional success) moves by a whole success, and a fall freezes it where it is.
+        enough = 1 if robust else 2 * th.patience - 1
+        ref, n_ref = (center(before), len(before)) if len(before) >= enough else (None, 0)
     sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust)
     return Level(short, long, ref, sigma, n_short, n_long, n_ref, log)
 
