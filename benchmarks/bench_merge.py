@@ -28,8 +28,8 @@ Each contender runs as a whole process (wall clock and peak RSS of the child) on
 Last, the time for 7B, 70B and 235B-A22B merges projected from the measured throughput per core and an assumed
 disk bandwidth (--disk-gbps).
 
-    python benchmarks/bench_merge.py [--repeats 5] [--mergekit-repeats 1] [--cases dense moe moe-hub many] [--skip-mergekit]
-                                     [--disk-gbps 5] [--json results.json]
+    python benchmarks/bench_merge.py [--repeats 5] [--mergekit-repeats 1] [--cases dense moe moe-hub many]
+                                     [--skip-mergekit] [--disk-gbps 5] [--json results.json]
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def ensure_checkpoints(case: str) -> tuple[list[str], dict[str, Path]]:
         write = {"many": f"import bench_merge; bench_merge.write_many({str(tmp)!r})"}.get(
             case, f"from openrlhf_bai.toy import write_family; write_family({str(tmp)!r}, {arch!r}, size='bench', "
                   f"max_shard_size={SHARD_SIZE if case == 'moe-hub' else None!r})")
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); {write}"],
+        subprocess.run([sys.executable, "-c",
+                        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); {write}"],
                        check=True)
         if case in ("moe-hub", "many"):  # into the hub cache, as a download leaves them; the plain copies go
             subprocess.run([sys.executable, "-c", "import sys; from openrlhf_bai.toy import put_in_hub_cache; "
@@ -131,7 +132,8 @@ def deepseek_v3_names() -> list[str]:
         else:
             names += [p + "mlp.gate.weight", p + "mlp.gate.e_score_correction_bias"]
             names += [p + f"mlp.shared_experts.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
-            names += [p + f"mlp.experts.{e}.{m}.weight" for e in range(256) for m in ("gate_proj", "up_proj", "down_proj")]
+            names += [p + f"mlp.experts.{e}.{m}.weight"
+                      for e in range(256) for m in ("gate_proj", "up_proj", "down_proj")]
     return names[:47215] + ["model.norm.weight", "lm_head.weight"]
 
 
@@ -165,7 +167,8 @@ def ensure_mergekit() -> Path:
     if not (MERGEKIT_VENV / ".complete").exists():
         print(f"installing mergekit 0.1.5 into {MERGEKIT_VENV} (once)", flush=True)
         subprocess.run([sys._base_executable, "-m", "venv", "--clear", str(MERGEKIT_VENV)], check=True)
-        subprocess.run([str(MERGEKIT_VENV / "bin" / "pip"), "install", "-q", "torch==2.13.0", "mergekit==0.1.5"], check=True)
+        subprocess.run([str(MERGEKIT_VENV / "bin" / "pip"), "install", "-q", "torch==2.13.0", "mergekit==0.1.5"],
+                       check=True)
         (MERGEKIT_VENV / ".complete").touch()
     return exe
 
@@ -205,7 +208,8 @@ def bench_case(case: str, a, cores: int) -> dict:
         "raw I/O (read 3 inputs, write 1 output)":
             lambda i: [sys.executable, "-c", RAW_IO, *inputs, str(work / f"out-raw{i}.bin"), str(out_size)],
         f"openrlhf-bai merge ({cores} threads)": lambda i: merge_cmd + ["--output", str(work / f"out-bai{i}")],
-        "openrlhf-bai --dry-run (the plan alone)": lambda i: merge_cmd + ["--output", str(work / "out-dry"), "--dry-run"],
+        "openrlhf-bai --dry-run (the plan alone)":
+            lambda i: merge_cmd + ["--output", str(work / "out-dry"), "--dry-run"],
         "openrlhf-bai, finished merge found (cache hit)": lambda i: merge_cmd + ["--output", str(work / "hit")],
     }
     if not a.skip_mergekit and case != "many":  # many measures planning; mergekit's per-tensor cost is another story
@@ -219,24 +223,26 @@ def bench_case(case: str, a, cores: int) -> dict:
     print(f"\n[{case}] 3 inputs x {out_size / 1e6:.0f} MB, {tensors} tensors each", flush=True)
     results = {"input_bytes": out_size, "tensors": tensors, "contenders": {}, "threads": {}}
     for name, cmd in contenders.items():
-        results["contenders"][name] = measure(cmd, a.mergekit_repeats if name.startswith("mergekit") else a.repeats, work)
+        results["contenders"][name] = measure(cmd, a.mergekit_repeats if name.startswith("mergekit") else a.repeats,
+                                              work)
     counts = sorted({1, cores} | {2**k for k in range(cores.bit_length()) if 2**k <= cores})
     for n in counts:
-        results["threads"][n] = measure(lambda i: merge_cmd + ["--output", str(work / f"out-t{i}"), "--threads", str(n)],
-                                        a.repeats, work)
+        results["threads"][n] = measure(
+            lambda i: merge_cmd + ["--output", str(work / f"out-t{i}"), "--threads", str(n)], a.repeats, work)
 
     floor = results["contenders"]["raw I/O (read 3 inputs, write 1 output)"]["median_s"]
     ours = results["contenders"][f"openrlhf-bai merge ({cores} threads)"]["median_s"]
     print(f"{'contender':42} {'median wall':>12} {'best':>8} {'CPU':>8} {'peak RSS':>10} {'vs I/O floor':>13} "
           f"{'vs openrlhf-bai':>16}")
     for name, r in results["contenders"].items():
-        print(f"{name:42} {r['median_s']:>10.2f} s {r['best_s']:>6.2f} s {r['cpu_s']:>6.2f} s {r['peak_rss_gib']:>6.2f} GiB "
-              f"{r['median_s'] / floor:>12.2f}x {r['median_s'] / ours:>15.2f}x")
+        print(f"{name:42} {r['median_s']:>10.2f} s {r['best_s']:>6.2f} s {r['cpu_s']:>6.2f} s "
+              f"{r['peak_rss_gib']:>6.2f} GiB {r['median_s'] / floor:>12.2f}x {r['median_s'] / ours:>15.2f}x")
     one = results["threads"][1]["median_s"]
-    print(f"\n{'threads':>7} {'median wall':>12} {'best':>8} {'CPU':>8} {'peak RSS':>10} {'speed-up':>9} {'vs I/O floor':>13}")
+    print(f"\n{'threads':>7} {'median wall':>12} {'best':>8} {'CPU':>8} {'peak RSS':>10} {'speed-up':>9} "
+          f"{'vs I/O floor':>13}")
     for n, r in results["threads"].items():
-        print(f"{n:>7} {r['median_s']:>10.2f} s {r['best_s']:>6.2f} s {r['cpu_s']:>6.2f} s {r['peak_rss_gib']:>6.2f} GiB "
-              f"{one / r['median_s']:>8.2f}x {r['median_s'] / floor:>12.2f}x")
+        print(f"{n:>7} {r['median_s']:>10.2f} s {r['best_s']:>6.2f} s {r['cpu_s']:>6.2f} s "
+              f"{r['peak_rss_gib']:>6.2f} GiB {one / r['median_s']:>8.2f}x {r['median_s'] / floor:>12.2f}x")
     return results
 
 
@@ -255,15 +261,16 @@ def projection(results: dict, disk_gbps: float) -> None:
         rate = results[case]["input_bytes"] / results[case]["threads"][1]["median_s"]  # bytes of one input per s
         io_s = 4 * size / (disk_gbps * 1e9)
         cells = [max(size / (rate * c), io_s) for c in counts]
-        print(f"{model:18} {size / 1e9:>4.0f} GB {rate / 1e9:>5.2f} GB/s " + " ".join(f"{t / 60:>5.1f} min" for t in cells)
-              + f" {io_s / 60:>6.1f} min")
+        print(f"{model:18} {size / 1e9:>4.0f} GB {rate / 1e9:>5.2f} GB/s "
+              + " ".join(f"{t / 60:>5.1f} min" for t in cells) + f" {io_s / 60:>6.1f} min")
 
 
 def main() -> None:
     os.environ.update(HF_HUB_CACHE=str(HUB), HF_HUB_OFFLINE="1")  # the hub cases resolve their ids from HUB only
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--mergekit-repeats", type=int, default=1, help="mergekit is 10-100x slower: one run tells the ratio")
+    p.add_argument("--mergekit-repeats", type=int, default=1,
+                   help="mergekit is 10-100x slower: one run tells the ratio")
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument("--disk-gbps", type=float, default=5.0,

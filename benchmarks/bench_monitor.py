@@ -43,7 +43,8 @@ def openrlhf_metrics(step: int, rng: random.Random) -> dict:
     return {
         "rollout/reward_mean": 0.2 + 0.001 * step + rng.uniform(-0.02, 0.02), "rollout/reward_std": 0.3 * noise(0.1),
         "rollout/response_length_mean": 1000.0 * noise(0.05), "rollout/truncated_rate": 0.05 * noise(0.2),
-        "rollout/num_samples": 1024.0, "policy_loss": 0.01 * noise(0.5), "actor_lr": 1e-6, "clip_ratio": 0.1 * noise(0.2),
+        "rollout/num_samples": 1024.0, "policy_loss": 0.01 * noise(0.5), "actor_lr": 1e-6,
+        "clip_ratio": 0.1 * noise(0.2),
         "kl": 0.01 * noise(0.3), "entropy_loss": 1.0 * noise(0.05), "policy_entropy": 1.0 * noise(0.05),
         "actor_grad_norm": 0.5 * noise(0.3), "response_length": 1000.0 * noise(0.05), "total_length": 1300.0,
         "return": 0.2, "reward": 0.2, "ppo_clip_count": 3.0, "policy_update_steps": 4.0,

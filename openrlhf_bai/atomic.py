@@ -34,7 +34,8 @@ def check_output_file(path: str | os.PathLike, inputs=(), flag: str = "output") 
     path = Path(path)
     for source in inputs:
         if same_file(path, source) or Path(os.path.abspath(path)) == Path(os.path.abspath(source)):
-            raise BAIError(f"{flag} {path} is one of the inputs ({source}); it would be overwritten: choose another path")
+            raise BAIError(f"{flag} {path} is one of the inputs ({source}); "
+                           "it would be overwritten: choose another path")
         if os.path.isdir(source) and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(source)):
             raise BAIError(f"{flag} {path} is inside the input directory {source}; choose a path outside it")
     if path.is_dir():

@@ -79,7 +79,8 @@ def resolve_directory(path: str) -> tuple[Path, str | None]:
 
         snapshot = Path(snapshot_download(path, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # offline without a cached copy, unknown repo, no network: all "not found" to the user
-        raise BAIError(f"checkpoint not found: {path} is no local directory and no reachable hub id ({type(e).__name__})")
+        raise BAIError(f"checkpoint not found: {path} is no local directory and no reachable hub id "
+                       f"({type(e).__name__})")
     return snapshot, snapshot.name
 
 
@@ -155,7 +156,8 @@ def check_header(file: Path, header, data_size: int) -> None:
         if begin < position:
             raise BAIError(f"{file}: tensor {name}: data_offsets [{begin}, {end}] overlap tensor {previous}")
         if begin > position:
-            raise BAIError(f"{file}: tensor {name}: {begin - position} bytes before its data_offsets belong to no tensor")
+            raise BAIError(f"{file}: tensor {name}: {begin - position} bytes before its data_offsets "
+                           "belong to no tensor")
         position, previous = end, name
     if position != data_size:
         raise BAIError(f"{file}: truncated or corrupt safetensors file (header describes {position} data bytes, "
@@ -220,7 +222,8 @@ def _shards(directory: Path, label: str) -> dict[Path, list[str] | None]:
     if any((directory / n).exists() for n in PICKLE_NAMES) or list(directory.glob("*.bin")):
         raise BAIError(
             f"{label}: only pickle weights (*.bin / *.pt) in {directory}; openrlhf-bai reads safetensors only. "
-            "Convert once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)"
+            "Convert once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)"
         )
     raise BAIError(f"{label}: no {SINGLE_NAME} or {INDEX_NAME} in {directory}")
 

@@ -73,7 +73,8 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
     for c in inputs[1:]:
         other = (c.config.get("architectures"), c.config.get("model_type"))
         if other != arch:
-            raise BAIError(f"architecture differs: {base.label} is {arch[0]} ({arch[1]}), {c.label} is {other[0]} ({other[1]})")
+            raise BAIError(f"architecture differs: {base.label} is {arch[0]} ({arch[1]}), "
+                           f"{c.label} is {other[0]} ({other[1]})")
 
     # Tied embeddings: lm_head is the embedding, so a copy that only some inputs saved is dropped.
     names_per_input = [set(c.tensors) for c in inputs]
@@ -83,7 +84,8 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
         if names != names_per_input[0]:
             raise BAIError(
                 f"tensor names differ between {base.label} and {c.label}: "
-                f"only in base: {some(names_per_input[0] - names) or '-'}; only in {c.label.split()[0]}: {some(names - names_per_input[0]) or '-'}"
+                f"only in base: {some(names_per_input[0] - names) or '-'}; "
+                f"only in {c.label.split()[0]}: {some(names - names_per_input[0]) or '-'}"
             )
 
     if recipe.dtype == "auto":
@@ -142,7 +144,8 @@ def _tensor_plan(name, infos, inputs, recipe: BAIRecipe, config_src: int, out_dt
     if shapes.count(shapes[0]) != len(shapes):
         if not _is_vocab_tensor(name, shapes, inputs):
             k = next(k for k, s in enumerate(shapes) if s != shapes[0])
-            raise BAIError(f"shape mismatch for tensor {name}: {list(shapes[0])} in {base.label}, {list(shapes[k])} in {inputs[k].label}")
+            raise BAIError(f"shape mismatch for tensor {name}: {list(shapes[0])} in {base.label}, "
+                           f"{list(shapes[k])} in {inputs[k].label}")
         if recipe.vocab_mismatch == "error":
             rows = ", ".join(f"{s[0]} in {c.label.split()[0]}" for s, c in zip(shapes, inputs))
             raise BAIError(

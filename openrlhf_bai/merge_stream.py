@@ -54,7 +54,8 @@ def output_files(plan: MergePlan) -> dict[str, bytes | Path]:
 
 def output_size(plan: MergePlan) -> int:
     """Bytes of every file of the merged checkpoint: what the disk must have free."""
-    shards = sum(len(_header(entries)) + sum(io.nbytes(t.shape, t.dtype) for t in entries) for _, entries in plan.shards)
+    shards = sum(len(_header(entries)) + sum(io.nbytes(t.shape, t.dtype) for t in entries)
+                 for _, entries in plan.shards)
     return shards + sum(len(v) if isinstance(v, bytes) else v.stat().st_size for v in output_files(plan).values())
 
 

@@ -60,7 +60,8 @@ class BAIRecipe:
         if self.sft_weights is not None:
             if len(self.sft_weights) != len(self.sft):
                 raise BAIError(
-                    f"{len(self.sft_weights)} SFT weights given for {len(self.sft)} SFT models; give one weight per model"
+                    f"{len(self.sft_weights)} SFT weights given for {len(self.sft)} SFT models; "
+                    "give one weight per model"
                 )
             if any(not math.isfinite(w) or w < 0 for w in self.sft_weights):
                 raise BAIError(f"SFT weights must be finite and non-negative, got {list(self.sft_weights)}")

@@ -58,7 +58,8 @@ def model_config(arch: str, vocab_size: int, tied: bool = False, size: str = "ti
     Qwen2-like, or for qwen3_moe Qwen3-MoE-like with 48 experts in each of 32 layers, ~4,900 tensors)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig
 
-    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
     if size == "bench":
         dims = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                     num_key_value_heads=4)
@@ -72,8 +73,8 @@ def model_config(arch: str, vocab_size: int, tied: bool = False, size: str = "ti
         if size == "bench":  # hub checkpoints store each expert's projections as tensors of their own
             common.update(hidden_size=384, num_hidden_layers=32, num_attention_heads=6, num_key_value_heads=2)
         return Qwen3MoeConfig(num_experts=48 if size == "bench" else 4, num_experts_per_tok=4,
-                              moe_intermediate_size=128 if size == "bench" else 32, head_dim=64 if size == "bench" else 16,
-                              **common)
+                              moe_intermediate_size=128 if size == "bench" else 32,
+                              head_dim=64 if size == "bench" else 16, **common)
     if arch == "qwen2_moe":
         return Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                               shared_expert_intermediate_size=64, decoder_sparse_step=1, **common)

@@ -58,13 +58,15 @@ def test_config_and_tokenizer_from_another_model_warn_once_each_and_the_merge_go
 
 
 def test_the_actor_listed_first_supplies_config_and_tokenizer_and_nothing_is_said(llama_family, todays_actor, capsys):
-    out, warnings = launch(capsys, llama_family, todays_actor, [todays_actor, llama_family["sft_instruct"]], "--data.max_len", "512")
+    out, warnings = launch(capsys, llama_family, todays_actor, [todays_actor, llama_family["sft_instruct"]],
+                           "--data.max_len", "512")
     assert warnings == []
     merged = Path(out[-1].split("--actor.model_name_or_path ")[1].split()[0])
     assert (merged / "chat_template.jinja").read_text() == TODAYS_TEMPLATE  # today's template travels with the merge
 
     # --bai.tokenizer_from / --bai.config_from name it just as well with another model first.
-    _, warnings = launch(capsys, llama_family, todays_actor, [llama_family["sft_instruct"], todays_actor], "--data.max_len", "512",
+    _, warnings = launch(capsys, llama_family, todays_actor, [llama_family["sft_instruct"], todays_actor],
+                         "--data.max_len", "512",
                          "--bai.tokenizer_from", str(todays_actor), "--bai.config_from", str(todays_actor))
     assert warnings == []
 

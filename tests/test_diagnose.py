@@ -318,7 +318,8 @@ def test_partly_missing_metrics_are_read_as_far_as_they_go(tmp_path, capsys):
                              for s, l, r in series("healthy")))
     status, out, err = diagnose(capsys, no_reward, stops, "--json", tmp_path / "v.json")
     assert status == 0
-    assert f"warning: {no_reward}: no reward metric (looked for rollout/reward_mean, reward_mean, reward, critic/score/mean" in err
+    assert (f"warning: {no_reward}: no reward metric (looked for rollout/reward_mean, reward_mean, reward, "
+            "critic/score/mean" in err)
     assert f"warning: {stops}: reward missing at 10 of 40 steps" in err
     first, second = json.loads((tmp_path / "v.json").read_text())
     assert first["missing_steps"]["response_length"] == 0 and first["missing_steps"]["reward"] == STEPS

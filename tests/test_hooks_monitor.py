@@ -309,7 +309,8 @@ def test_stability_off_and_thresholds_from_the_environment(tmp_path, hooked, mon
         assert len(monitor_log.records) == 1
 
 
-def test_install_is_idempotent_and_user_callbacks_come_from_the_registry_and_entry_points(tmp_path, hooked, monkeypatch):
+def test_install_is_idempotent_and_user_callbacks_come_from_the_registry_and_entry_points(
+        tmp_path, hooked, monkeypatch):
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 
     worker.install_hooks()
@@ -396,7 +397,8 @@ def drive_in_worker(root, run_name, rows, bai=None):
         "deepspeed_before": deepspeed_before,
         "path": callback_path(),
         "wrapped": getattr(BasePPOTrainer.save_logs_and_checkpoints, "_openrlhf_bai", False),
-        "saves": [(kwargs["tag"], kwargs["client_states"]) for name, kwargs in group.calls if name == "save_checkpoint"],
+        "saves": [(kwargs["tag"], kwargs["client_states"])
+                  for name, kwargs in group.calls if name == "save_checkpoint"],
         "added": [a for a, _ in added],
     }
 
@@ -469,7 +471,8 @@ def test_monitor_in_ray_workers_hooked_only_by_the_runtime_env(tmp_path, ray_wit
     assert tb["train/user/steps_seen"][STEPS] == STEPS  # the user's entry-point callback, in the worker
 
     tb = tensorboard_scalars(openrlhf_args(tmp_path, "healthy"))
-    assert set(tb["train/bai/length_collapse"].values()) == {0.0} and set(tb["train/bai/hockey_stick"].values()) == {0.0}
+    assert (set(tb["train/bai/length_collapse"].values()) == {0.0}
+            and set(tb["train/bai/hockey_stick"].values()) == {0.0})
     assert healthy["saves"] == []
 
     # Without the variable, args.bai (a patched parser) is read: save, with patience 2, each detection saves once,
@@ -605,8 +608,8 @@ def test_unwritable_ckpt_path_odd_values_and_failing_callbacks_never_stop_a_step
     assert len(errors) == 3  # each logged once, with its reason
     assert any(m.startswith("[openrlhf-bai] stability_monitor failed: NotADirectoryError") for m in errors)
     assert any(m.startswith("[openrlhf-bai] buggy failed: ZeroDivisionError") for m in errors)
-    assert any(m.startswith("[openrlhf-bai] missing = no_such_module_anywhere:callback failed: BAIError: failed to load: "
-                        "ModuleNotFoundError") for m in errors)
+    assert any(m.startswith("[openrlhf-bai] missing = no_such_module_anywhere:callback failed: "
+                            "BAIError: failed to load: ModuleNotFoundError") for m in errors)
 
 
 def test_values_the_detectors_cannot_read_are_skipped_not_failures(tmp_path, hooked):
@@ -707,7 +710,8 @@ def test_one_json_post_per_detection_and_a_wandb_alert_on_openrlhfs_run(tmp_path
     assert sorted((p["detector"], p["step"]) for _, p in webhook.posts) == sorted(expected.items())
     for content_type, post in webhook.posts:
         assert content_type == "application/json"
-        assert post["text"] == post["content"] and post["text"].startswith(f"[openrlhf-bai] alerting, step {post['step']}: ")
+        assert post["text"] == post["content"] and post["text"].startswith(
+            f"[openrlhf-bai] alerting, step {post['step']}: ")
         assert post["run"] == "alerting" and post["ckpt_path"] == args.ckpt.path and post["action"] == "warn"
         assert post["text"].endswith("--bai.on_collapse warn: training goes on")
         assert all(isinstance(v, float) for v in post["values"].values()) and post["values"]
@@ -715,7 +719,8 @@ def test_one_json_post_per_detection_and_a_wandb_alert_on_openrlhfs_run(tmp_path
     assert collapse["values"]["response_length_ratio"] < 0.6
 
     assert [(a["title"], a["level"]) for a in run_alerts] == [
-        (f"openrlhf-bai: {p['detector']}", wandb.AlertLevel.WARN) for _, p in sorted(webhook.posts, key=lambda x: x[1]["step"])]
+        (f"openrlhf-bai: {p['detector']}", wandb.AlertLevel.WARN)
+        for _, p in sorted(webhook.posts, key=lambda x: x[1]["step"])]
     assert {a["text"] for a in run_alerts} == {p["text"] for _, p in webhook.posts}
 
 

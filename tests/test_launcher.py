@@ -41,7 +41,8 @@ def file_states(directory: Path) -> dict:
 def test_merge_only_with_dotted_flags_rewrites_the_actor_and_passes_everything_else(llama_family, capsys):
     sft = str(llama_family["sft_reasoning"])
     openrlhf = ["--actor.model_name_or_path", sft, f"--critic.model_name_or_path={sft}", "--reward.clip_range", "-10",
-                "10", "--data.input_template", "User: {}\nAssistant:", "--ckpt.path", "/ckpt", "--logger.tensorboard_dir", "tb"]
+                "10", "--data.input_template", "User: {}\nAssistant:", "--ckpt.path", "/ckpt",
+                "--logger.tensorboard_dir", "tb"]
     assert main([*openrlhf[:3], "--actor_init", "bai", *recipe_flags(llama_family, "--bai.alpha", "0.25"),
                  *openrlhf[3:], "--bai.merge_only", "--bai.on_collapse", "stop"]) == 0
     command = command_of(capsys)
@@ -109,7 +110,8 @@ def test_init_actor_on_openrlhfs_hierarchized_args(llama_family, tmp_path):
     assert args.actor.model_name_or_path == args.critic.model_name_or_path == str(tmp_path / "m")
     assert json.loads((tmp_path / "m" / PROVENANCE).read_text())["recipe"]["sft"] == [sft]
     assert args.bai.patience == 4 and args.bai.on_collapse == "warn"  # what the monitor reads from trainer.args.bai
-    assert args.bai.strict_callbacks is True and args.bai.alert_url.startswith("https://") and args.bai.alert_timeout == 2
+    assert (args.bai.strict_callbacks is True and args.bai.alert_url.startswith("https://")
+            and args.bai.alert_timeout == 2)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -154,7 +156,8 @@ def test_driver_runtime_env_joins_a_submitted_jobs_env(monkeypatch):
     ours = launcher.driver_runtime_env(bai)
     merged = _merge_runtime_env(job, ours)  # what ray.init does with them; None on a conflict
     assert merged is not None and merged["worker_process_setup_hook"] == SETUP_HOOK
-    assert merged["env_vars"]["NCCL_DEBUG"] == "INFO" and merged["env_vars"]["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
+    assert (merged["env_vars"]["NCCL_DEBUG"] == "INFO"
+            and merged["env_vars"]["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1")
     assert json.loads(merged["env_vars"][CONFIG_ENV])["on_collapse"] == "save"
 
     job["worker_process_setup_hook"] = "users.hook"

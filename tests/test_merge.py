@@ -193,7 +193,8 @@ def truncate(d: Path):
 
 def corrupt_header(d: Path):
     data = (d / "model.safetensors").read_bytes()
-    (d / "model.safetensors").write_bytes(struct.pack("<Q", 40) + b"{not json at all, really not json!!!!!}" + data[48:])
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", 40) + b"{not json at all, really not json!!!!!}"
+                                          + data[48:])
 
 
 def escape_index(d: Path):
@@ -295,7 +296,8 @@ def test_existing_output_is_kept_without_overwrite(llama_family, tmp_path, capsy
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     """The installed console script, as a user runs it."""
     exe = Path(sys.executable).with_name("openrlhf-bai")
-    proc = subprocess.run([str(exe), "merge", "--base", "/no/base", "--sft", "/no/sft", "--output", str(tmp_path / "o")],
+    proc = subprocess.run([str(exe), "merge", "--base", "/no/base", "--sft", "/no/sft",
+                           "--output", str(tmp_path / "o")],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["openrlhf-bai: error: checkpoint not found: /no/base"]

@@ -27,7 +27,8 @@ def cluster(tmp_path_factory):
     shutil.rmtree(other / "family" / "base")  # this node's "base" is another model of the same shape
     shutil.copytree(same / "family" / "sft_instruct", other / "family" / "base")
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "env_vars": {"HOME": str(same)}})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False, "env_vars": {"HOME": str(same)}})
     cluster.add_node(num_cpus=1, env_vars={"HOME": str(same)})
     odd_node = cluster.add_node(num_cpus=1, env_vars={"HOME": str(other)})
     cluster.wait_for_nodes()
@@ -47,7 +48,8 @@ def test_per_node_merge_gives_every_node_the_same_checkpoint(cluster, monkeypatc
     monkeypatch.setenv("RAY_ADDRESS", cluster["address"])
     family = cluster["home"] / "family"
     argv = ["--actor.model_name_or_path", str(family / "sft_reasoning"), "--actor_init", "bai",
-            "--bai.base", str(family / "base"), "--bai.sft", str(family / "sft_instruct"), str(family / "sft_reasoning"),
+            "--bai.base", str(family / "base"),
+            "--bai.sft", str(family / "sft_instruct"), str(family / "sft_reasoning"),
             "--bai.materialize", "per_node", "--bai.merge_only"]
     assert main(argv) == 0
     out = capsys.readouterr().out

@@ -209,4 +209,5 @@ def test_a_failing_monitor_in_the_patched_trainer_is_logged_once_and_training_go
     accumulator.Reload()
     errors = {e.step: e.value for e in accumulator.Scalars("train/bai/monitor_errors")}
     assert errors == {step: float(step) for step in range(1, 13)}
-    assert sorted(e.step for e in accumulator.Scalars("train/bai/length_collapse")) == list(range(1, 13))  # from the first step on
+    # from the first step on
+    assert sorted(e.step for e in accumulator.Scalars("train/bai/length_collapse")) == list(range(1, 13))

@@ -126,7 +126,8 @@ def say_before_merge(args, plan, out: Path) -> None:
         where = f"{out} holds it already (reused)"
     else:
         free = shutil.disk_usage(existing_parent(out)).free
-        size = f"{plan.bytes_to_write / 1e9:.2f} GB" if plan.bytes_to_write >= 1e8 else f"{plan.bytes_to_write / 1e6:.2f} MB"
+        size = (f"{plan.bytes_to_write / 1e9:.2f} GB" if plan.bytes_to_write >= 1e8
+                else f"{plan.bytes_to_write / 1e6:.2f} MB")
         where = f"{size} to write into {out} ({free / 1e9:.2f} GB free there)"
     print(f"openrlhf-bai: BAI merge of {len(plan.inputs)} inputs (alpha {plan.recipe.alpha:g}), {len(plan.tensors)} "
           f"tensors: {where}")
@@ -325,7 +326,8 @@ def run(argv: list[str]) -> int:
         return 0
 
     if importlib.util.find_spec("openrlhf") is None:
-        raise BAIError("OpenRLHF is not installed: pip install 'openrlhf-bai[openrlhf]' (--bai.merge_only works without it)")
+        raise BAIError("OpenRLHF is not installed: pip install 'openrlhf-bai[openrlhf]' "
+                       "(--bai.merge_only works without it)")
     from openrlhf_bai.integration.flash_attn_cpu import make_flash_attn_importable
 
     make_flash_attn_importable()
@@ -353,7 +355,8 @@ def refuse_unknown_bai_flags(rest: list[str], known: list[str]) -> None:
         raise BAIError(f"unknown flag {flag}; {hint}")
 
 
-ENTROPY_FLAG = "--actor.entropy_coef"  # OpenRLHF 0.10.2 on: None (default) computes no entropy; 0 logs it, loss unchanged
+# OpenRLHF 0.10.2 on: None (default) computes no entropy; 0 logs it, loss unchanged
+ENTROPY_FLAG = "--actor.entropy_coef"
 
 
 def with_entropy_logged(rest: list[str], bai) -> list[str]:
@@ -410,7 +413,8 @@ def _actor_init_bai(rest: list[str], bai) -> list[str]:
         actor=SimpleNamespace(init="bai", model_name_or_path=rest[actor_at + 1] if actor_at is not None else None),
         critic=SimpleNamespace(model_name_or_path=rest[critic_at + 1] if critic_at is not None else None),
         bai=bai, data=SimpleNamespace(max_len=int(lengths.get("--data.max_len", 0))),
-        prompt_max_len=int(lengths.get("--prompt_max_len", 0)), generate_max_len=int(lengths.get("--generate_max_len", 0)),
+        prompt_max_len=int(lengths.get("--prompt_max_len", 0)),
+        generate_max_len=int(lengths.get("--generate_max_len", 0)),
     )
     init_actor(args)
     rest = list(rest)
