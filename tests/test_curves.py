@@ -5,6 +5,9 @@ lines and trainer_state.json that transformers' Trainer (which TRL's GRPO/PPO tr
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from contextlib import redirect_stdout
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +22,7 @@ from openrlhf_bai.diagnostics.readers import read_rows
 
 TH = Thresholds()
 DATA = Path(__file__).resolve().parent / "data"
+ROOT = DATA.parents[1]
 REAL = real_curves(DATA / "curves")
 # Where the detectors and the corpus labels (tests/data/curves/README.md, decided before any detector ran) disagree,
 # and how; each is discussed in the detectors' documentation. A change in any of them fails the test below, so an
@@ -37,6 +41,13 @@ RIGHT = ("hit", "quiet", "too short", "borderline quiet", "undecided")
 
 def detections(curve):
     return raised(analyze(curve["rows"], TH, cap=curve.get("cap"))[0])
+
+
+def test_every_label_is_what_the_written_rule_gives():
+    # tests/data/curves/label_rule.py is the README's labelling rule as code (it never imports the detectors).
+    out = subprocess.run([sys.executable, str(DATA / "curves" / "label_rule.py"), "--compare", str(DATA / "curves")],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert out.count("\nsame ") + out.startswith("same ") == len(REAL) and "0 run(s) differ" in out
 
 
 def test_the_corpus_has_real_runs_from_several_sources_with_provenance_and_events():
@@ -123,7 +134,8 @@ def test_verl_console_log_from_verls_own_quickstart():
 def test_verl_console_line_behind_ray_prefix_and_colour_codes(tmp_path):
     line = (DATA / "formats" / "verl-quickstart.log").read_text().splitlines()[0]
     path = tmp_path / "ray.log"
-    path.write_text(f"\x1b[36m(TaskRunner pid=4171)\x1b[0m INFO: starting\n\x1b[36m(TaskRunner pid=4171)\x1b[0m {line}\n")
+    prefix = "\x1b[36m(TaskRunner pid=4171)\x1b[0m"
+    path.write_text(f"{prefix} INFO: starting\n{prefix} {line}\n")
     kind, rows = read_rows(path)
     assert kind == "verl" and rows[0][1]["response_length/mean"] == 239.133
 

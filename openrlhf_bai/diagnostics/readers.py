@@ -256,7 +256,8 @@ def _read_trainer_state(path: Path) -> list:
     try:
         history = json.loads(_read_text(path)).get("log_history")
     except (json.JSONDecodeError, AttributeError):
-        raise BAIError(f"{path}: not a trainer_state.json (cut off?); expected a JSON object with log_history") from None
+        raise BAIError(f"{path}: not a trainer_state.json (cut off?); expected a JSON object with log_history") \
+            from None
     if not isinstance(history, list):
         raise BAIError(f"{path}: no log_history list; expected a Hugging Face Trainer's trainer_state.json")
     rows: list = []
