@@ -414,7 +414,8 @@ class Detector:
     peak: bool = False  # reference: the highest level since the start instead of the windowed median
     # hold: raised once held at patience consecutive log points, its level counted from the first point (KL: a
     # single-step spike lifts a 5-point median for a point or two; a run in the thousands from its first point is
-    # raised at its patience-th); else raised at the first point held, once the level spans patience points.
+    # raised at its patience-th); else raised at the first point held raise_units past the threshold (or at the
+    # patience-th held in a row), once the level spans patience points.
     hold: bool = False
     describe: Callable[[Level, float, Thresholds], str] = None  # the message when raised
 
