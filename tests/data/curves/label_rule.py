@@ -59,6 +59,12 @@ def series(rows, name):
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def logged(rows, provenance, role):
+    """(name, steps, values) of the metric playing `role`, or (None, [], []) when the log has none."""
+    name = pick(rows, provenance, role)
+    return (name, *series(rows, name)) if name else (None, [], [])
+
+
 def pick(rows, provenance, role):
     present = {k for _, m in rows for k in m}
     named = (provenance.get("metric_names") or {}).get(role)
@@ -141,12 +147,10 @@ def length_collapse(rows, provenance, cap):
 
 
 def hockey_stick(rows, provenance):
-    name = pick(rows, provenance, "reward")
+    name, steps, values = logged(rows, provenance, "reward")
     ev = {"present": False, "drop_step": None, "recovery_step": None}
     if name is None:
-        ev["present"] = None
-        return ev, ["Reward is not logged -> hockey_stick false"]
-    steps, values = series(rows, name)
+        return dict(ev, present=None), ["Reward is not logged -> hockey_stick false"]
     n = len(values)
     if n < 30:
         return ev, [f"reward {name}: {n} points (< 30): the hockey-stick rule does not apply"]
@@ -192,12 +196,10 @@ def hockey_stick(rows, provenance):
 
 
 def entropy_collapse(rows, provenance):
-    name = pick(rows, provenance, "entropy")
+    name, steps, values = logged(rows, provenance, "entropy")
     ev = {"present": False, "onset_step": None}
     if name is None:
-        ev["present"] = None
-        return ev, ["Entropy is not logged -> entropy_collapse false"]
-    steps, values = series(rows, name)
+        return dict(ev, present=None), ["Entropy is not logged -> entropy_collapse false"]
     k, w = windows(len(values))
     start = statistics.median(values[:k])
     lv = levels(values, w)
@@ -219,12 +221,10 @@ def entropy_collapse(rows, provenance):
 
 
 def kl_blowup(rows, provenance):
-    name = pick(rows, provenance, "kl")
+    name, steps, values = logged(rows, provenance, "kl")
     ev = {"present": False, "onset_step": None}
     if name is None:
-        ev["present"] = None
-        return ev, ["KL is not logged -> kl_blowup false"]
-    steps, values = series(rows, name)
+        return dict(ev, present=None), ["KL is not logged -> kl_blowup false"]
     k, w = windows(len(values))
     lv = levels(values, w, partial=True)
     imax = max(range(len(values)), key=lambda i: values[i])
