@@ -32,6 +32,19 @@ DISAGREE = {
     # rose far enough for the fall to be half of it, and the fall is about 2.5 noise units of the level at the
     # onset + patience + 1, short of 3 (docs/benchmarks.md, "What is still wrong").
     ("unsloth-gemma4-e2b-grpo-sudoku", "hockey_stick"): "miss",
+    # Held-out runs with events (added 2026-11-28, labelled before any detector ran), as the detectors first met them.
+    # Their length falls to 3-18 tokens for 90 steps and comes back: by the rule a dip, not a collapse.
+    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho050-s43", "length_collapse"): "false alarm",
+    # Entropy spikes to 1.1-1.7 for 3 log points during a reward dip; measured against that peak, its return to
+    # 0.05-0.07 (half its start) reads as a collapse.
+    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho100-s42", "entropy_collapse"): "false alarm",
+    # Reward sags by 0.25-0.34 from about 0.9 and recovers: a fall of a third, short of reward_drop (half).
+    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho070-s43", "hockey_stick"): "miss",
+    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho500-s43", "hockey_stick"): "miss",
+    # An entropy decline whose log noise is large: 2 noise units past the ratio only 9 log points after the onset.
+    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho150-s44", "entropy_collapse"): "late",
+    # KL starts near 1 nat (a LoRA SFT offset) and edges over it at the rule's onset; the rise proper comes later.
+    ("radarlei-qwen25-05b-grpo-traffic-signal-kl-rise", "kl_blowup"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
@@ -75,7 +88,9 @@ def test_noisy_small_batch_runs_are_most_of_the_corpus_and_raise_nothing_but_the
     healthy = [c for c in noisy if not any(e["present"] for e in c["label"].values())]
     alarmed = [c["name"] for c in healthy
                if any(r["outcome"] == "false alarm" for r in score(c, detections(c), TH.patience).values())]
-    assert len(healthy) >= 20 and alarmed == []
+    known = [c["name"] for c in healthy if any(o == "false alarm" for (run, _), o in DISAGREE.items()
+                                                if run == c["name"])]
+    assert len(healthy) >= 20 and alarmed == known
 
 
 def test_a_dip_a_hair_past_the_threshold_is_raised_only_once_it_holds():
@@ -96,6 +111,11 @@ def test_labels_can_leave_a_verdict_open_and_the_score_counts_it_neither_way():
     assert openenv["label"]["kl_blowup"]["undecided_from"] == 28
     assert score(openenv, {"kl_blowup": 29}, 3)["kl_blowup"]["outcome"] == "undecided"
     assert score(openenv, {"kl_blowup": 20}, 3)["kl_blowup"]["outcome"] == "false alarm"
+    # Up to patience + 1 log points before the undecided step counts as undecided too, as a hit may come early.
+    rho100 = next(c for c in REAL if c["name"] == "sunshine535-qwen25-7b-rho-grpo-gsm8k-rho100-s42")
+    assert rho100["label"]["hockey_stick"]["undecided_from"] == 160
+    assert score(rho100, {"hockey_stick": 150}, 3)["hockey_stick"]["outcome"] == "undecided"
+    assert score(rho100, {"hockey_stick": 135}, 3)["hockey_stick"]["outcome"] == "false alarm"
 
 
 def test_a_real_collapse_below_the_cap_with_a_falling_truncated_share_is_a_collapse():

@@ -194,8 +194,9 @@ def score(curve: dict, detections: dict, patience: int) -> dict:
     onset), "miss", "false alarm" (raised where the label has no event), "quiet" (rightly nothing), "too short"
     (an event the log ends fewer than `patience` points after: no detector that waits can raise it), and two that
     the labels themselves leave open, counted neither way: "borderline quiet" (an event labelled borderline and not
-    raised: by the corpus rule, staying quiet there is not clearly wrong) and "undecided" (raised at or after a
-    label's undecided_from step, where the log ends before the rule can decide).
+    raised: by the corpus rule, staying quiet there is not clearly wrong) and "undecided" (raised where the log ends
+    before the rule can decide: from the label's undecided_from step on, or up to patience + 1 log points before it,
+    as a hit may come before its onset).
     `detections` maps event -> step or None; an event absent from it is not scored."""
     steps = [step for step, _ in curve["rows"]]
     result = {}
@@ -209,7 +210,8 @@ def score(curve: dict, detections: dict, patience: int) -> dict:
             result[name] = {"outcome": "borderline quiet"}
         elif step is None:
             result[name] = {"outcome": "miss" if label["present"] else "quiet"}
-        elif not label["present"] and step >= label.get("undecided_from", math.inf):
+        elif (not label["present"] and "undecided_from" in label
+              and sum(1 for s in steps if step < s <= label["undecided_from"]) <= patience + 1):
             result[name] = {"outcome": "undecided", "step": step}
         elif not label["present"]:
             result[name] = {"outcome": "false alarm", "step": step}
