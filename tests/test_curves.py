@@ -38,9 +38,6 @@ DISAGREE = {
     # Entropy spikes to 1.1-1.7 for 3 log points during a reward dip; measured against that peak, its return to
     # 0.05-0.07 (half its start) reads as a collapse.
     ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho100-s42", "entropy_collapse"): "false alarm",
-    # Reward sags by 0.25-0.34 from about 0.9 and recovers: a fall of a third, short of reward_drop (half).
-    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho070-s43", "hockey_stick"): "miss",
-    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho500-s43", "hockey_stick"): "miss",
     # An entropy decline whose log noise is large: 2 noise units past the ratio only 9 log points after the onset.
     ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho150-s44", "entropy_collapse"): "late",
     # KL starts near 1 nat (a LoRA SFT offset) and edges over it at the rule's onset; the rise proper comes later.
@@ -100,6 +97,18 @@ def test_a_dip_a_hair_past_the_threshold_is_raised_only_once_it_holds():
     assert detections(curve)["length_collapse"] is None
     at_once = raised(analyze(curve["rows"], replace(TH, raise_units=0.0), cap=curve.get("cap"))[0])
     assert at_once["length_collapse"] == 289
+
+
+def test_a_hockey_stick_is_measured_on_what_the_reward_gained_not_on_where_its_zero_is():
+    # 8 completions a step, reward about 0.86 sagging to 0.61 and back by step 145 (a recovered hockey stick). A
+    # reward model's scores are the same scores shifted: the verdict must not move with the shift.
+    curve = next(c for c in REAL if c["name"] == "sunshine535-qwen25-7b-rho-grpo-gsm8k-rho070-s43")
+    found = set()
+    for offset in (0.0, 10.0, -10.0):
+        rows = [(step, {**metrics, "reward": metrics["reward"] + offset}) for step, metrics in curve["rows"]]
+        hockey = analyze(rows, TH)[0]["hockey_stick"]
+        found.add((hockey["drop_step"], hockey["recovered"], hockey["recovery_steps"]))
+    assert found == {(80, True, 50)}
 
 
 def test_labels_can_leave_a_verdict_open_and_the_score_counts_it_neither_way():

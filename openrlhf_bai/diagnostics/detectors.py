@@ -35,7 +35,8 @@ on) once it has held at `patience` consecutive log points, each at least `action
   above `collapse_ratio` x its own reference. The cap is the run's (--rollout.max_new_tokens; diagnose
   --max-response-length) when known, else the largest value of the log's max-length metric; without one every
   fall is a collapse. Once a fall is called a collapse it is not called a cap drop afterwards.
-- hockey_stick: the reward's short level fallen by `reward_drop` x |reference|, and the long level `noise_units`
+- hockey_stick: the reward's short level fallen by `reward_drop` x what it gained over its lowest long level (the
+  reference less that level; at least one step's noise), and the long level `noise_units`
   below it (a reward that falls by half and stays down is raised: the drop of a hockey stick that has not
   recovered); recovered once the short level is back within one noise unit of the reference at `patience`
   points in a row, recovery_steps after the drop.
@@ -84,7 +85,7 @@ class Thresholds:
     noise_units: float = 3.0  # every fall must also be this many noise units of the level
     ratio_units: float = 2.0  # the short level must be past its ratio by this many of its own noise units
     collapse_ratio: float = 0.6  # length level / reference below this is a length collapse
-    reward_drop: float = 0.5  # the reward level falling by this share of |reference| is a drop
+    reward_drop: float = 0.5  # the reward level losing this share of what it gained over its lowest level: a drop
     entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
     entropy_nats: float = 0.1  # nats: ... and the entropy level below this
     kl_limit_nats: float = 1.0  # nats: a KL level above this (and above kl_factor x its reference) is a blow-up
@@ -118,7 +119,8 @@ HELP = {
                    "(collapse_ratio, entropy_ratio): a level that merely touches the ratio within its own noise "
                    "is not a collapse",
     "collapse_ratio": "response length level / reference below this is a length collapse",
-    "reward_drop": "the reward level falling by this share of |reference| is a reward drop (a hockey stick's)",
+    "reward_drop": "the reward level losing this share of what it had gained over its lowest level (the reference "
+                   "less that level; at least one step's noise) is a reward drop (a hockey stick's)",
     "entropy_ratio": "entropy level / its highest level since the start below this is an entropy collapse",
     "entropy_nats": "nats: an entropy collapse also needs the entropy level below this",
     "kl_limit_nats": "nats: a KL level above this (and above kl_factor x its reference, once it has one) is a "
@@ -132,7 +134,7 @@ HELP = {
 # Thresholds of 0.2 that no longer exist: name -> (what replaces it, how). Refused by name, never silently ignored.
 RENAMED = {
     "smoothing": ("patience", "the level is the median of the last 2 x patience - 1 log points; there is no EMA"),
-    "hockey_drawdown": ("noise_units", "with reward_drop, the share of |reference| the reward level must fall"),
+    "hockey_drawdown": ("noise_units", "with reward_drop, the share of its gain the reward level must lose"),
     "kl_floor": ("kl_limit_nats", "the KL level in nats a blow-up must exceed"),
 }
 
@@ -202,6 +204,7 @@ class Level:
     n_long: int  # points the long level is over
     n_ref: int  # points the reference is the median of
     log: bool
+    low: float | None = None  # rewards: the lowest long level (over 2 x patience - 1 points or more) so far
 
     # Standard deviations of a median (1.2533 sigma / sqrt n) and of a trimmed mean (about 1.1 sigma / sqrt n).
     @property
@@ -237,7 +240,8 @@ def _new_track() -> dict:
     # points: [step, raw value] within reference_steps (and the level's points); diffs: |differences| of the judged
     # (log) values, repeats left out; repeats: repeated values; peak: highest short level so far (judged units);
     # frozen: {detector: reference in the signal's units} while its condition holds.
-    return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}}
+    # low: the lowest long level of a reward, which a fall's size is measured from.
+    return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}, "low": None}
 
 
 def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> None:
@@ -307,12 +311,15 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
         enough = 1 if robust else 2 * th.patience - 1
         ref, n_ref = (center(before), len(before)) if len(before) >= enough else (None, 0)
     sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust)
-    return Level(short, long, ref, sigma, n_short, n_long, n_ref, log)
+    if not robust and n_long >= 2 * th.patience - 1:
+        track["low"] = long if track.get("low") is None else min(track["low"], long)
+    return Level(short, long, ref, sigma, n_short, n_long, n_ref, log, None if robust else track.get("low"))
 
 
 def _with_reference(lv: Level, frozen: list) -> Level:
-    """The level against a frozen [reference, points it was the median of]: its noise is that of its own points."""
-    return replace(lv, ref=_to(lv.log, frozen[0]), n_ref=frozen[1])
+    """The level against a frozen [reference, points it was the median of, lowest level then]: its noise is that of
+    its own points."""
+    return replace(lv, ref=_to(lv.log, frozen[0]), n_ref=frozen[1], low=frozen[2] if len(frozen) > 2 else lv.low)
 
 
 # ----------------------------------------------------------------------------------------------- detectors
@@ -377,7 +384,11 @@ def _truncation_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tu
 def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
     if lv.ref is None:
         return -math.inf, math.nan, False
-    size = th.reward_drop * abs(lv.ref)
+    # The size of a fall: a share of what the reward gained over its lowest level (not of |reference|: a reward whose
+    # failures score 8.4, or a reward model's scores around -1, mean the same as a 0/1 success rate), and at least one
+    # step's noise (a fall of the level smaller than that is no fall however many points confirm it).
+    gain = abs(lv.ref) if lv.low is None else max(lv.ref - lv.low, 0.0)
+    size = max(th.reward_drop * gain, lv.sigma)
     drawdown = (lv.ref - lv.long) / lv.noise_long
     strength = min((lv.ref - lv.short - size) / lv.noise_short, drawdown - th.noise_units)
     return strength, drawdown, lv.ref - lv.short > size
@@ -525,7 +536,7 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
         held = strength > 0 and lv.points >= (1 if detector.hold else th.patience)
         _track_extreme(detector, found, lv, measure)
         if (candidate or held) and lv.ref is not None:
-            track["frozen"].setdefault(detector.name, [lv.reference, lv.n_ref])
+            track["frozen"].setdefault(detector.name, [lv.reference, lv.n_ref, lv.low])
         elif not (candidate or held):
             track["frozen"].pop(detector.name, None)
         if held:  # weakest: the strengths of the last patience points held
