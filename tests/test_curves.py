@@ -35,9 +35,6 @@ DISAGREE = {
     # Held-out runs with events (added 2026-11-28, labelled before any detector ran), as the detectors first met them.
     # Their length falls to 3-18 tokens for 90 steps and comes back: by the rule a dip, not a collapse.
     ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho050-s43", "length_collapse"): "false alarm",
-    # Entropy spikes to 1.1-1.7 for 3 log points during a reward dip; measured against that peak, its return to
-    # 0.05-0.07 (half its start) reads as a collapse.
-    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho100-s42", "entropy_collapse"): "false alarm",
     # An entropy decline whose log noise is large: 2 noise units past the ratio only 9 log points after the onset.
     ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho150-s44", "entropy_collapse"): "late",
     # KL starts near 1 nat (a LoRA SFT offset) and edges over it at the rule's onset; the rise proper comes later.

@@ -207,6 +207,20 @@ def test_entropy_collapse_from_one_to_five_hundredths_is_raised_and_a_noisy_slow
     assert not analyze(high)[0]["entropy_collapse"]["detected"]
 
 
+def test_an_entropy_spike_of_a_few_points_is_not_the_level_a_collapse_is_measured_from():
+    rng = random.Random(1)
+    noisy = lambda level: level * math.exp(rng.gauss(0, 0.15))  # noqa: E731
+    # 0.13 nats, 3 log points at 1.1-1.7 during a reward dip, then back to half the start: lower, not collapsed.
+    spike = [noisy(0.13) for _ in range(8)] + [1.1, 1.7, 0.75] + [noisy(0.06) for _ in range(30)]
+    result, per_step = analyze([(5 * (i + 1), {"entropy": e}) for i, e in enumerate(spike)])
+    assert not result["entropy_collapse"]["detected"] and result["baseline_entropy"] < 0.25
+    # A rise that stays is the entropy's level: a later fall to a tenth of it is a collapse.
+    rise = [noisy(0.13) for _ in range(8)] + [noisy(1.2) for _ in range(12)] + [noisy(0.06) for _ in range(20)]
+    result, _ = analyze([(5 * (i + 1), {"entropy": e}) for i, e in enumerate(rise)])
+    assert result["entropy_collapse"]["detected"] and result["baseline_entropy"] > 0.8
+    assert 5 * 21 <= result["entropy_collapse"]["step"] <= 5 * (21 + TH.patience + 1)
+
+
 def test_kl_is_judged_against_one_nat_and_its_own_trajectory():
     rng = random.Random(0)
     # GRPO with little KL penalty: a smooth rise to 0.3 nats in the first tens of steps is ordinary.

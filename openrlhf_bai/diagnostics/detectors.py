@@ -11,7 +11,8 @@ Every signal is judged by robust statistics over windows, and by its own noise:
   short level's points); the noise test is judged on it, so the unit is the level's noise, not a single step's;
 - the **reference**: the median of the values of the last `reference_steps` steps (counted in steps, so it means
   the same at any --logger.logging_steps and after a resume), leaving out the last `patience` points, which may
-  already belong to the fall; for entropy the highest short level since the first step. From the moment a fall
+  already belong to the fall; for entropy the highest short level since the first step, counted only up to
+  SPIKE_FACTOR x the median of twice as many points (a 3-point spike is not the entropy's level). From the moment a fall
   passes its ratio (before it clears the noise) until it ends, the reference is frozen with the number of points
   it was taken over, so a fall never pulls its own reference down and a collapse that does not come back stays one;
 - the **noise unit**: the step-to-step standard deviation of the values (1.4826 x the median absolute consecutive
@@ -75,6 +76,9 @@ SIGNAL_KEYS = {"length": LENGTH_KEYS, "reward": REWARD_KEYS, "entropy": ENTROPY_
                "truncated": TRUNCATED_KEYS}
 STATE_VERSION = 3  # 2: EMA-smoothed windows (0.2); upgraded by upgrade_state
 NOISE_DIFFS = 64  # consecutive differences kept for a signal's noise estimate
+# Entropy's highest level counts a short level only up to this factor x the median of twice as many points: a spike
+# of a few points holds a majority of the short window, not of the wider one; a rise that stays is the same in both.
+SPIKE_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -299,10 +303,12 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
     short = center(values[-n_short:])
     n_long = max(n_short, sum(1 for s, _ in points if s > last_step - th.level_steps))
     long = _trimmed_mean(values[-n_long:])
-    if peak:  # the highest short level since the start (over at least patience points once there are that many)
+    if peak:  # the highest short level since the start (over at least patience points once there are that many),
+        # a spike left out: at most SPIKE_FACTOR x the median of the last 2 x (2 x patience - 1) - 1 points (log units)
+        level = min(short, center(values[-(4 * th.patience - 3):]) + math.log(SPIKE_FACTOR))
         if track["peak"] is None or n_short < th.patience:
-            track["peak"] = short
-        track["peak"] = max(track["peak"], short)
+            track["peak"] = level
+        track["peak"] = max(track["peak"], level)
         ref, n_ref = (track["peak"], n_short) if len(values) > th.patience else (None, 0)
     else:
         before = values[:-th.patience]
