@@ -285,6 +285,10 @@ def main(argv=None) -> int:
     if held_out:
         table(f"Held-out real runs ({len(held_out)}; added after the defaults were set, labelled before any detector "
               "ran on them)", {m: [o for o in results[m] if o["curve"] in held_out] for m in order})
+    for batch in sorted({curve["held_out"] for curve in real if curve.get("held_out")}):
+        runs = {curve["name"] for curve in real if curve.get("held_out") == batch}
+        table(f"Held-out batch {batch!r} ({len(runs)} runs)",
+              {m: [o for o in results[m] if o["curve"] in runs] for m in order})
     for source in sources:
         table(f"Real runs of {source}", {m: [o for o in results[m] if o["source"] == source] for m in order})
     table(f"Synthetic shapes x {args.seeds} seeds (reported apart: made by us)",

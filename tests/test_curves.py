@@ -37,8 +37,11 @@ DISAGREE = {
     ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho050-s43", "length_collapse"): "false alarm",
     # An entropy decline whose log noise is large: 2 noise units past the ratio only 9 log points after the onset.
     ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho150-s44", "entropy_collapse"): "late",
-    # KL starts near 1 nat (a LoRA SFT offset) and edges over it at the rule's onset; the rise proper comes later.
-    ("radarlei-qwen25-05b-grpo-traffic-signal-kl-rise", "kl_blowup"): "late",
+    # Held-out batch 3: on-policy distillation in verl, whose reference model is the 32B teacher, logs the KL to the
+    # teacher as actor/reward_kl_penalty (the name verl PPO gives the KL to the reference in the reward). The detectors
+    # read it as KL and raise its rise to 2 nats; the label, decided before any detector ran, does not count a KL to a
+    # teacher as one.
+    ("jianghoucheng-qwen25-3b-grpo-retool-opd-length-collapse", "kl_blowup"): "false alarm",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide

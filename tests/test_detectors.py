@@ -221,6 +221,15 @@ def test_an_entropy_spike_of_a_few_points_is_not_the_level_a_collapse_is_measure
     assert 5 * 21 <= result["entropy_collapse"]["step"] <= 5 * (21 + TH.patience + 1)
 
 
+def test_a_kl_that_rises_slowly_past_one_nat_is_raised_when_it_crosses_it():
+    # 0.1 -> 2.5 nats over 300 steps: the trailing reference follows the rise, so it never doubles it; it crosses 1 nat
+    # (by its median level) at about step 113, a quarter above a reference of about 0.65.
+    rng = random.Random(0)
+    rows = [(s, {"kl": (0.1 + 0.008 * s) * (1 + rng.gauss(0, 0.1))}) for s in range(1, 300)]
+    result, _ = analyze(rows)
+    assert result["kl_blowup"]["detected"] and 112 <= result["kl_blowup"]["step"] <= 112 + TH.patience + 3
+
+
 def test_kl_is_judged_against_one_nat_and_its_own_trajectory():
     rng = random.Random(0)
     # GRPO with little KL penalty: a smooth rise to 0.3 nats in the first tens of steps is ordinary.

@@ -65,8 +65,10 @@ REWARD_KEYS = ("rollout/reward_mean", "reward_mean", "reward",  # OpenRLHF 0.11,
 ENTROPY_KEYS = ("entropy_loss",  # OpenRLHF 0.11 logs the mean token entropy under this name (--actor.entropy_coef)
                 "actor/entropy", "actor/entropy_loss",  # verl (newer, older)
                 "entropy")  # TRL
-KL_KEYS = ("kl", "ppo_kl",  # OpenRLHF (to the reference; old -> new policy); TRL's is "kl"
-           "actor/kl_loss", "actor/ppo_kl", "objective/kl")  # verl; TRL's PPO
+KL_KEYS = ("kl",  # OpenRLHF and TRL: to the reference
+           "actor/kl_loss", "actor/reward_kl_penalty", "critic/kl",  # verl: as a loss (GRPO), in the reward (PPO; older)
+           "objective/kl",  # TRL's PPO
+           "ppo_kl", "actor/ppo_kl")  # OpenRLHF, verl: old -> new policy of one update; only where no KL to the reference
 TRUNCATED_KEYS = ("rollout/truncated_rate", "response_clip_ratio",  # OpenRLHF 0.11, 0.9
                   "response_length/clip_ratio",  # verl
                   "completions/clipped_ratio")  # TRL
@@ -93,7 +95,7 @@ class Thresholds:
     entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
     entropy_nats: float = 0.1  # nats: ... and the entropy level below this
     kl_limit_nats: float = 1.0  # nats: a KL level above this (and above kl_factor x its reference) is a blow-up
-    kl_factor: float = 2.0  # ... and KL level / its reference above this, while the reference is below the limit
+    kl_factor: float = 1.25  # ... and KL level / its reference above this, while the reference is below the limit
     raise_units: float = 0.5  # noise units past the threshold at its first point to raise; else patience points
     action_strength: float = 1.0  # noise units past the threshold at each of `patience` points: save/stop acts
 
