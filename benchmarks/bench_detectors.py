@@ -168,9 +168,10 @@ def outcomes_of(curves: list[dict], found: dict, th: Thresholds) -> list[dict]:
     """Per curve and event its outcome; `found` maps curve name -> detections (events a contender covers)."""
     rows = []
     for curve in curves:
+        healthy = not any(event["present"] for event in curve["label"].values())  # no labelled event at all
         for name, result in score(curve, found[curve["name"]], th.patience).items():
             rows.append({"curve": curve["name"], "source": curve["source"], "origin": curve["origin"], "event": name,
-                         **result})
+                         "healthy": healthy, **result})
     return rows
 
 
@@ -183,7 +184,7 @@ def summarize(rows: list[dict]) -> dict:
         "hits": len(hits), "late": count("late"), "early": count("early"), "misses": count("miss"),
         "too_short": count("too short"), "false_alarms": count("false alarm"),
         "borderline_quiet": count("borderline quiet"), "undecided": count("undecided"),
-        "healthy_runs_with_false_alarm": len({o["curve"] for o in rows if o["outcome"] == "false alarm"}),
+        "healthy_runs_with_false_alarm": len({o["curve"] for o in rows if o["outcome"] == "false alarm" and o["healthy"]}),
         "median_delay_points": statistics.median(o["delay_points"] for o in hits) if hits else None,
         "worst_delay_points": max(o["delay_points"] for o in hits) if hits else None,
     }
