@@ -42,6 +42,9 @@ DISAGREE = {
     # read it as KL and raise its rise to 2 nats; the label, decided before any detector ran, does not count a KL to a
     # teacher as one.
     ("jianghoucheng-qwen25-3b-grpo-retool-opd-length-collapse", "kl_blowup"): "false alarm",
+    # Held-out batch 4: entropy falls from ~0.9 to ~0.1 at step ~162 (raised at 168), then comes back to 0.4-0.66
+    # twice before it stays down; the rule dates the collapse from where it stays down (309), so 168 is early.
+    ("screechingviolet-qwen2-05b-grpo-tikz-geometry", "entropy_collapse"): "early",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
