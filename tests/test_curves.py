@@ -45,6 +45,15 @@ DISAGREE = {
     # Held-out batch 4: entropy falls from ~0.9 to ~0.1 at step ~162 (raised at 168), then comes back to 0.4-0.66
     # twice before it stays down; the rule dates the collapse from where it stays down (309), so 168 is early.
     ("screechingviolet-qwen2-05b-grpo-tikz-geometry", "entropy_collapse"): "early",
+    # Held-out batch 5, as first met. A 2-sample reward whose fall of ~0.25 (recovered 25 steps later) is ~2.2 noise
+    # units of its level at best, short of 3.
+    ("uqcxu9-qwen25-7b-grpo-econ-agent-v9-300", "hockey_stick"): "miss",
+    # A 24-point log: the rule's 2-point windows put the KL over 1 nat from step 2 (it hovers at 0.6-3.9); the 5-point
+    # median crosses only when the KL explodes (1e24 at step 10), raised at 14.
+    ("alexchilton-qwen25-grpo-wordle-cap128-kl-explosion-24", "kl_blowup"): "late",
+    # Entropy jumping between 0.05 and 0.56 has a 5-point median just under 0.1 at step 54, then rebounds to 2.7-3.2
+    # before it collapses for good at step 68 (raised at 1.6 noise units; sustained, where save/stop act, at step 71).
+    ("alexchilton-qwen25-grpo-wordle-cap16-300-entropy-collapse", "entropy_collapse"): "early",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
