@@ -184,7 +184,8 @@ def summarize(rows: list[dict]) -> dict:
         "hits": len(hits), "late": count("late"), "early": count("early"), "misses": count("miss"),
         "too_short": count("too short"), "false_alarms": count("false alarm"),
         "borderline_quiet": count("borderline quiet"), "undecided": count("undecided"),
-        "healthy_runs_with_false_alarm": len({o["curve"] for o in rows if o["outcome"] == "false alarm" and o["healthy"]}),
+        "healthy_runs_with_false_alarm": len({o["curve"] for o in rows
+                                              if o["outcome"] == "false alarm" and o["healthy"]}),
         "median_delay_points": statistics.median(o["delay_points"] for o in hits) if hits else None,
         "worst_delay_points": max(o["delay_points"] for o in hits) if hits else None,
     }

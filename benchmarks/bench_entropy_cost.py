@@ -13,7 +13,6 @@ memory autograd keeps for it until backward ends (saved-tensor hooks: whatever i
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 

@@ -55,7 +55,7 @@ DISAGREE = {
     # before it collapses for good at step 68 (raised at 1.6 noise units; sustained, where save/stop act, at step 71).
     ("alexchilton-qwen25-grpo-wordle-cap16-300-entropy-collapse", "entropy_collapse"): "early",
     # Held-out batch 6, as first met: a noisy reward (0.2-0.9) at exactly 0 from step 30, after a KL explosion; the
-    # 20-step level (the noise test) clears 3 noise units only as the zeros fill its window: raised at 42, rule onset 35.
+    # 20-step level (the noise test) clears 3 noise units only as the zeros fill its window: raised at 42, onset 35.
     ("alexchilton-qwen25-grpo-wordle-cap16-lr5e-3-kl-inf-50", "hockey_stick"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised

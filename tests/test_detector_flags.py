@@ -70,7 +70,7 @@ def test_a_renamed_threshold_is_refused_in_one_line_naming_its_replacement(old, 
 def test_diagnose_json_keeps_its_fields_and_adds_strength(tmp_path, capsys):
     path = tmp_path / "run.csv"
     rows = [(s, 1000.0 if s < 30 else 200.0, 0.5 + 0.01 * (s % 3)) for s in range(1, 61)]
-    path.write_text("step,response_length/mean,critic/score/mean\n" + "".join(f"{s},{l},{r}\n" for s, l, r in rows))
+    path.write_text("step,response_length/mean,critic/score/mean\n" + "".join(f"{s},{n},{r}\n" for s, n, r in rows))
     assert cli(["diagnose", str(path), "--json", str(tmp_path / "v.json"), "--fail-on", "collapse"]) == 3
     v = json.loads((tmp_path / "v.json").read_text())
     for key in ("detected", "step", "min_ratio"):  # 0.2's fields

@@ -310,12 +310,12 @@ def test_kind_forces_the_reader(tmp_path, capsys):
 def test_partly_missing_metrics_are_read_as_far_as_they_go(tmp_path, capsys):
     # No reward at all (a run that logged lengths only), and a length log whose reward stops at step 30.
     no_reward = tmp_path / "no-reward.jsonl"
-    no_reward.write_text("".join(json.dumps({"step": s, "rollout/response_length_mean": l}) + "\n"
-                                 for s, l, _ in series("collapsing")))
+    no_reward.write_text("".join(json.dumps({"step": s, "rollout/response_length_mean": n}) + "\n"
+                                 for s, n, _ in series("collapsing")))
     stops = tmp_path / "stops.jsonl"
-    stops.write_text("".join(json.dumps({"step": s, "rollout/response_length_mean": l,
+    stops.write_text("".join(json.dumps({"step": s, "rollout/response_length_mean": n,
                                          **({"rollout/reward_mean": r} if s <= 30 else {})}) + "\n"
-                             for s, l, r in series("healthy")))
+                             for s, n, r in series("healthy")))
     status, out, err = diagnose(capsys, no_reward, stops, "--json", tmp_path / "v.json")
     assert status == 0
     assert (f"warning: {no_reward}: no reward metric (looked for rollout/reward_mean, reward_mean, reward, "

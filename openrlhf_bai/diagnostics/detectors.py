@@ -12,8 +12,8 @@ Every signal is judged by robust statistics over windows, and by its own noise:
 - the **reference**: the median of the values of the last `reference_steps` steps (counted in steps, so it means
   the same at any --logger.logging_steps and after a resume), leaving out the last `patience` points, which may
   already belong to the fall; for entropy the highest short level since the first step, counted only up to
-  SPIKE_FACTOR x the median of twice as many points (a 3-point spike is not the entropy's level). From the moment a fall
-  passes its ratio (before it clears the noise) until it ends, the reference is frozen with the number of points
+  SPIKE_FACTOR x the median of twice as many points (a 3-point spike is not the entropy's level). From the moment a
+  fall passes its ratio (before it clears the noise) until it ends, the reference is frozen with the number of points
   it was taken over, so a fall never pulls its own reference down and a collapse that does not come back stays one;
 - the **noise unit**: the step-to-step standard deviation of the values (1.4826 x the median absolute consecutive
   difference / sqrt 2, repeated values left out, widened while there are few), scaled to each statistic
@@ -66,9 +66,10 @@ ENTROPY_KEYS = ("entropy_loss",  # OpenRLHF 0.11 logs the mean token entropy und
                 "actor/entropy", "actor/entropy_loss",  # verl (newer, older)
                 "entropy")  # TRL
 KL_KEYS = ("kl",  # OpenRLHF and TRL: to the reference
-           "actor/kl_loss", "actor/reward_kl_penalty", "critic/kl",  # verl: as a loss (GRPO), in the reward (PPO; older)
+           "actor/kl_loss",  # verl: as a loss (GRPO)
+           "actor/reward_kl_penalty", "critic/kl",  # verl: in the reward (PPO; newer, older)
            "objective/kl",  # TRL's PPO
-           "ppo_kl", "actor/ppo_kl")  # OpenRLHF, verl: old -> new policy of one update; only where no KL to the reference
+           "ppo_kl", "actor/ppo_kl")  # OpenRLHF, verl: old -> new policy of one update; last resort
 TRUNCATED_KEYS = ("rollout/truncated_rate", "response_clip_ratio",  # OpenRLHF 0.11, 0.9
                   "response_length/clip_ratio",  # verl
                   "completions/clipped_ratio")  # TRL

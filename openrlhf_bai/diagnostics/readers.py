@@ -19,7 +19,6 @@ Kinds:
 
 from __future__ import annotations
 
-import ast
 import csv
 import io
 import json
