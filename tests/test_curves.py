@@ -57,6 +57,9 @@ DISAGREE = {
     # Held-out batch 6, as first met: a noisy reward (0.2-0.9) at exactly 0 from step 30, after a KL explosion; the
     # 20-step level (the noise test) clears 3 noise units only as the zeros fill its window: raised at 42, onset 35.
     ("alexchilton-qwen25-grpo-wordle-cap16-lr5e-3-kl-inf-50", "hockey_stick"): "late",
+    # Held-out batch 7, as first met: the reward steps down at step 21 (the script switches its reward weights); raised
+    # at 45, while the rule, whose 20-point window still holds the four high points before it, dates the fall at 120.
+    ("alethia-qwen25-15b-lfgrpo-gsm8k-resumed-300", "hockey_stick"): "early",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
