@@ -230,6 +230,15 @@ def test_a_kl_that_rises_slowly_past_one_nat_is_raised_when_it_crosses_it():
     assert result["kl_blowup"]["detected"] and 112 <= result["kl_blowup"]["step"] <= 112 + TH.patience + 3
 
 
+def test_verl_kl_in_the_reward_is_read_before_a_zero_kl_loss_and_the_one_update_ppo_kl():
+    # verl PPO with the KL in the reward: actor/reward_kl_penalty is the KL to the reference; actor/ppo_kl (old -> new
+    # policy of one update) stays tiny, and some verl versions print actor/kl_loss as 0.0 when no KL loss is used.
+    rows = [(s, {"actor/kl_loss": 0.0, "actor/ppo_kl": 0.002, "actor/reward_kl_penalty": 0.05 if s < 60 else 1.5})
+            for s in range(1, 100)]
+    result, _ = analyze(rows)
+    assert result["kl_blowup"]["detected"] and 60 <= result["kl_blowup"]["step"] <= 60 + TH.patience + 1
+
+
 def test_kl_is_judged_against_one_nat_and_its_own_trajectory():
     rng = random.Random(0)
     # GRPO with little KL penalty: a smooth rise to 0.3 nats in the first tens of steps is ordinary.

@@ -66,8 +66,9 @@ ENTROPY_KEYS = ("entropy_loss",  # OpenRLHF 0.11 logs the mean token entropy und
                 "actor/entropy", "actor/entropy_loss",  # verl (newer, older)
                 "entropy")  # TRL
 KL_KEYS = ("kl",  # OpenRLHF and TRL: to the reference
-           "actor/kl_loss",  # verl: as a loss (GRPO)
-           "actor/reward_kl_penalty", "critic/kl",  # verl: in the reward (PPO; newer, older)
+           # verl: in the reward (PPO; newer, older), logged only when it is used; then as a loss (GRPO), which some
+           # verl versions print as 0.0 while the KL is in the reward
+           "actor/reward_kl_penalty", "critic/kl", "actor/kl_loss",
            "objective/kl",  # TRL's PPO
            "ppo_kl", "actor/ppo_kl")  # OpenRLHF, verl: old -> new policy of one update; last resort
 TRUNCATED_KEYS = ("rollout/truncated_rate", "response_clip_ratio",  # OpenRLHF 0.11, 0.9
