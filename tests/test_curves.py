@@ -60,6 +60,10 @@ DISAGREE = {
     # Held-out batch 7, as first met: the reward steps down at step 21 (the script switches its reward weights); raised
     # at 45, while the rule, whose 20-point window still holds the four high points before it, dates the fall at 120.
     ("alethia-qwen25-15b-lfgrpo-gsm8k-resumed-300", "hockey_stick"): "early",
+    # Held-out batch 8, as first met: a length that falls slowly, 365 -> 225 -> 150 -> 100 tokens over ~500 steps. The
+    # reference is the median of the last 100 steps, and no 100 steps see it fall to 0.6; the rule measures from the
+    # start (docs/benchmarks.md, "What is still wrong").
+    ("houkawa2-qwen25-15b-ppo-coderl-sampled", "length_collapse"): "miss",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
