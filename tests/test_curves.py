@@ -64,6 +64,10 @@ DISAGREE = {
     # reference is the median of the last 100 steps, and no 100 steps see it fall to 0.6; the rule measures from the
     # start (docs/benchmarks.md, "What is still wrong").
     ("houkawa2-qwen25-15b-ppo-coderl-sampled", "length_collapse"): "miss",
+    # Held-out batch 9, as first met: entropy falls to 0.033 nats (14 % of its start) at steps 38-49, raised at 40, then
+    # explodes to 6.75 as the policy blows up; the rule calls no collapse, as the entropy is high at the end (the
+    # detection ends at step 53: the verdict's unrecovered_step is None).
+    ("dumbkin31-qwen3-17b-mixedcuts-grpo-math-h200", "entropy_collapse"): "false alarm",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
