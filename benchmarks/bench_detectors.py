@@ -7,6 +7,9 @@ synthetic shapes (--seeds times over). Contenders, on the same curves:
   runs the corpus held when they were set), what the monitor and `diagnose` run;
 - openrlhf-bai, save/stop (sustained): the same run, scored where --bai.on_collapse save/stop act (a detection held
   at patience points in a row, each action_strength noise units past its threshold);
+- openrlhf-bai, whole log (did not come back): the same run, as `diagnose` reads a finished log: a length or entropy
+  collapse counts only where it had not ended by the end of the log (its verdict's unrecovered_step), as the corpus
+  rule's collapse never comes back; a hockey stick is its drop, recovered or not, and a KL blow-up its first raise;
 - openrlhf-bai (LOSO): for each source, the thresholds of GRID that do best (fewest misses + false alarms + late,
   ties to the defaults) on the real runs of every OTHER source, then scored on that source;
 - rolling median: the ten-line rule of issue 15, a median of the last 20 steps against the median of the first
@@ -69,6 +72,13 @@ def series(curve: dict, signal: str) -> list[tuple[int, float]]:
 
 def ours(curve: dict, th: Thresholds) -> dict:
     return detections(analyze(curve["rows"], th, cap=curve.get("cap"))[0])
+
+
+def ours_whole_log(curve: dict, th: Thresholds) -> dict:
+    """A finished log, read as `diagnose` reports it: the collapses still holding at its end."""
+    verdict = analyze(curve["rows"], th, cap=curve.get("cap"))[0]
+    return {**detections(verdict), **{name: verdict[name]["unrecovered_step"]
+                                      for name in ("length_collapse", "truncation_drop", "entropy_collapse")}}
 
 
 def ours_sustained(curve: dict, th: Thresholds) -> dict:
@@ -259,6 +269,7 @@ def main(argv=None) -> int:
     synthetic = [dict(curve, name=f"{curve['name']}#{seed}") for seed in range(args.seeds)
                  for curve in synthetic_curves(seed)]
     contenders = {"openrlhf-bai (defaults)": ours, "openrlhf-bai, save/stop (sustained)": ours_sustained,
+                  "openrlhf-bai, whole log (did not come back)": ours_whole_log,
                   "rolling median (issue 15)": rolling_median, "plain threshold": plain_threshold}
     if not args.skip_references:
         ensure_deps()

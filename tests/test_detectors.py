@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from openrlhf_bai.cli.main import main as cli
 from openrlhf_bai.diagnostics.detectors import (DETECTORS, RENAMED, Thresholds, analyze, make_thresholds, new_state,
                                                 observe, upgrade_state, verdict)
 from openrlhf_bai.errors import BAIError
@@ -154,6 +155,51 @@ def test_real_collapse_fires_within_patience_plus_one_and_stays_flagged():
     assert all(p["bai/length_collapse_strength"] < 0 for p in per_step if p["step"] < drop_at)
     assert collapse["step"] + TH.patience - 1 <= collapse["sustained_step"] <= collapse["step"] + TH.patience + 1
     assert collapse["strength"] > 0 and collapse["max_strength"] >= collapse["strength"]
+
+
+def test_a_collapse_that_comes_back_ends_and_one_that_returns_is_raised_again(tmp_path, capsys):
+    # 1,000 tokens, a 30-step collapse to 100, back to 1,000, then down to 100 for good (a run that came back once).
+    rng = random.Random(3)
+    shape = [1000.0] * 40 + [100.0] * 30 + [1000.0] * 40 + [100.0] * 30
+    rows = rows_of([v * (1 + rng.gauss(0, 0.04)) for v in shape], [0.4] * len(shape))
+    result, per_step = analyze(rows)
+    first, second = result["length_collapse"]["episodes"]
+    assert 41 <= first["step"] <= 41 + TH.patience + 1 and 71 <= first["recovery_step"] <= 71 + TH.patience
+    assert 111 <= second["step"] <= 111 + TH.patience + 1 and second["recovery_step"] is None
+    # The verdict's fields keep describing the first raise; unrecovered_step is the collapse that stayed.
+    collapse = result["length_collapse"]
+    assert collapse["step"] == first["step"] and collapse["recovered"]
+    assert collapse["recovery_steps"] == first["recovery_step"] - first["step"]
+    assert collapse["unrecovered_step"] == second["step"]
+    flagged = [p["step"] for p in per_step if p["bai/length_collapse"] == 1.0]
+    assert min(flagged) == first["step"] and not any(first["recovery_step"] <= s < second["step"] for s in flagged)
+    assert [e["detector"] for e in events(rows) if not e.get("sustained")] == [
+        "length_collapse", "length_collapse_recovered", "length_collapse"]
+    # diagnose says so too.
+    path = tmp_path / "log.csv"
+    path.write_text("step,rollout/response_length_mean\n" + "".join(f"{s},{m[LENGTH]}\n" for s, m in rows))
+    assert cli(["diagnose", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"back from step {first['recovery_step']}, again at step {second['step']}" in out
+
+
+def test_a_collapsed_level_wavering_around_the_threshold_is_raised_once_and_does_not_end():
+    # After a fall to a tenth the level wanders between 0.55 and 0.75 of its old 1,000 tokens: around collapse_ratio
+    # 0.6, never halfway back to the reference (0.77 of it), so one raise, no end, no second alarm.
+    rows = rows_of([1000.0] * 40 + [100.0] * 20 + [550.0, 720.0, 600.0, 700.0, 560.0, 740.0] * 15, [0.4] * 150)
+    result, _ = analyze(rows)
+    assert len(result["length_collapse"]["episodes"]) == 1 and not result["length_collapse"]["recovered"]
+    assert [e["detector"] for e in events(rows) if e["alarm"]] == ["length_collapse"]
+
+
+def test_an_entropy_collapse_that_comes_back_is_reported_ended_and_a_kl_blowup_never_ends():
+    rows = [(s, {"entropy_loss": (0.9 if s < 30 or 50 <= s < 80 else 0.02) * (1 + 0.02 * (s % 3)),
+                 "kl": 3.0 if 30 <= s < 50 else 0.01 * (1 + 0.1 * (s % 3))}) for s in range(1, 101)]
+    result, _ = analyze(rows)
+    entropy, kl = result["entropy_collapse"], result["kl_blowup"]
+    assert [e["recovery_step"] is not None for e in entropy["episodes"]] == [True, False]
+    assert entropy["recovered"] and entropy["unrecovered_step"] == entropy["episodes"][1]["step"] >= 80
+    assert kl["detected"] and len(kl["episodes"]) == 1 and not kl["recovered"]  # KL spikes come and go: one alarm
 
 
 def test_one_log_point_dips_are_not_collapses_or_hockey_sticks():
@@ -329,6 +375,25 @@ def test_a_state_saved_by_0_2_keeps_its_reference_and_what_it_raised():
     found = verdict(state)["length_collapse"]
     assert found["detected"] and found["step"] <= 41 + TH.patience  # the reference came from 0.2's window
     assert upgrade_state({"steps": 3}) is None  # 0.1's state (no version): start afresh
+
+
+def test_a_state_saved_by_0_3_keeps_what_it_raised_and_can_still_end_it():
+    # 0.3's state is today's without episodes: a collapse raised at ~41, saved mid-collapse, then resumed.
+    rows = rows_of([1000.0 * (1 + 0.01 * (s % 3)) for s in range(40)] + [100.0] * 20 + [1000.0] * 20, [0.4] * 80)
+    state = new_state()
+    for step, metrics in rows[:50]:
+        observe(state, step, metrics, TH)
+    old = json.loads(json.dumps(state))
+    for found in old["detectors"].values():
+        del found["episodes"]
+    old["version"] = 3
+    resumed = upgrade_state(old)
+    raised = resumed["detectors"]["length_collapse"]["step"]
+    assert raised is not None and resumed["detectors"]["length_collapse"]["episodes"][0]["step"] == raised
+    for step, metrics in rows[50:]:
+        observe(resumed, step, metrics, TH)
+    assert [e["detector"] for e in resumed["events"] if e["alarm"]] == ["length_collapse"]  # not raised again
+    assert verdict(resumed)["length_collapse"]["recovered"] and verdict(resumed) == analyze(rows, TH)[0]
 
 
 def test_thresholds_change_the_verdict_and_renamed_ones_are_refused_naming_their_replacement():

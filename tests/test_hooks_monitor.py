@@ -230,6 +230,21 @@ def test_collapse_and_hockey_stick_reach_tensorboard_and_jsonl(tmp_path, hooked,
     assert all("noise units past the threshold" in w for w in warnings)
 
 
+def test_a_collapse_that_comes_back_is_reported_ended_and_raised_again_when_it_returns(tmp_path, hooked, monitor_log):
+    rng = random.Random(2)
+    shape = [1000.0] * 10 + [100.0] * 10 + [1000.0] * 10 + [100.0] * 10
+    rows = [{LENGTH: v * (1 + rng.uniform(-0.03, 0.03)), REWARD: 0.5, "policy_loss": 0.01} for v in shape]
+    args = openrlhf_args(tmp_path)
+    drive(make_trainer(args), rows)
+    flagged = [s for s, v in sorted(tensorboard_scalars(args)["train/bai/length_collapse"].items()) if v == 1.0]
+    first, second = flagged[0], next(s for s in flagged if s > 30)
+    assert 11 <= first <= 15 and 31 <= second <= 35 and not any(23 <= s <= 30 for s in flagged)
+    messages = [(r.levelname, r.getMessage()) for r in monitor_log.records]
+    assert [level for level, m in messages if "length collapse" in m] == ["WARNING", "INFO", "WARNING"]
+    ended = next(m for level, m in messages if level == "INFO")
+    assert f"raised at step {first} has ended" in ended and "again: the last one ended" in messages[-1][1]
+
+
 def test_healthy_noisy_runs_stay_silent(tmp_path, hooked, monitor_log):
     for seed in range(5):
         args = openrlhf_args(tmp_path, run_name=f"healthy{seed}")

@@ -145,6 +145,17 @@ def _strength(found: dict) -> str:
             + ("not sustained" if sustained is None else f"sustained at step {sustained}"))
 
 
+def _episodes(episodes: list[dict], first: bool = True) -> str:
+    """Where a detection ended (its signal came back) and was raised again."""
+    text = ""
+    for i, episode in enumerate(episodes):
+        if i or not first:
+            text += f", again at step {episode['step']}"
+        if episode["recovery_step"] is not None:
+            text += f", back from step {episode['recovery_step']}"
+    return text
+
+
 def verdict_table(verdicts: list[dict]) -> str:
     header = ("run", "steps", "ref length", "ref reward", "length collapse", "reward hockey stick",
               "entropy collapse", "KL blow-up")
@@ -156,7 +167,7 @@ def verdict_table(verdicts: list[dict]) -> str:
             collapse_text = "not assessed (no length)"
         elif collapse["detected"]:
             collapse_text = (f"YES at step {collapse['step']} (lowest ratio {collapse['min_ratio']:.2f}, "
-                             f"{_strength(collapse)})")
+                             f"{_strength(collapse)}){_episodes(collapse['episodes'])}")
         elif drop["detected"]:
             collapse_text = (f"no: truncation-cap drop at step {drop['step']} (truncated "
                              f"{_number(drop['truncated_rate_before'], '.0%')} -> "
@@ -171,7 +182,7 @@ def verdict_table(verdicts: list[dict]) -> str:
             recovery = hockey["recovery_steps"]
             recovered = "not recovered" if recovery is None else f"recovered after {recovery} steps"
             hockey_text = (f"YES drop at step {hockey['drop_step']}, depth {hockey['depth']:.1f} noise units, "
-                           f"{recovered} ({_strength(hockey)})")
+                           f"{recovered} ({_strength(hockey)}){_episodes(hockey['episodes'][1:], first=False)}")
         else:
             hockey_text = "no"
         ratio_texts = []
@@ -182,7 +193,7 @@ def verdict_table(verdicts: list[dict]) -> str:
                 ratio_texts.append("not assessed")
             elif found["detected"]:
                 ratio_texts.append(f"YES at step {found['step']} ({word} ratio {_number(found[field], '.2f')}, "
-                                   f"{_strength(found)})")
+                                   f"{_strength(found)}){_episodes(found['episodes'])}")
             else:
                 ratio_texts.append(f"no ({word} ratio {_number(found[field], '.2f')})")
         lines.append((v["source"], str(v["steps"]), _number(v["baseline_length"], ".1f"),

@@ -28,6 +28,13 @@ at least `raise_units` past its threshold, else once it has held at `patience` p
 held at `patience` points in a row), and it is **sustained** (what --bai.on_collapse save/stop acts
 on) once it has held at `patience` consecutive log points, each at least `action_strength` noise units past.
 
+A detection **ends** once its signal is back on the healthy side at `patience` log points in a row: a length or
+entropy level at least halfway back (in logs) from its threshold to the reference it was raised against, a reward
+within one noise unit of its reference (the hockey stick's recovery); a KL blow-up does not end. An ended detection is
+reported (an informational event, the verdict's `episodes`) and the detector is armed again, so a collapse that
+came back and then returns for good is raised again; the verdict's `unrecovered_step` is the raise still holding at
+the end of the log (a collapse, by the corpus rule, never comes back).
+
 - length_collapse: short level < `collapse_ratio` x reference by `ratio_units` of its own noise (a median of 5
   points of a 2-completion run that merely touches the ratio is noise), and the long level `noise_units` below the
   reference; unless the truncated share explains it (then truncation_drop).
@@ -78,7 +85,7 @@ MAX_LENGTH_KEYS = ("rollout/response_length_max", "response_length/max",  # verl
                    "completions/max_length")  # TRL
 SIGNAL_KEYS = {"length": LENGTH_KEYS, "reward": REWARD_KEYS, "entropy": ENTROPY_KEYS, "kl": KL_KEYS,
                "truncated": TRUNCATED_KEYS}
-STATE_VERSION = 3  # 2: EMA-smoothed windows (0.2); upgraded by upgrade_state
+STATE_VERSION = 4  # 3: one raise per detector, no episodes; 2: EMA-smoothed windows (0.2); upgraded by upgrade_state
 NOISE_DIFFS = 64  # consecutive differences kept for a signal's noise estimate
 # Entropy's highest level counts a short level only up to this factor x the median of twice as many points: a spike
 # of a few points holds a majority of the short window, not of the wider one; a rise that stays is the same in both.
@@ -439,27 +446,46 @@ class Detector:
     # patience-th held in a row), once the level spans patience points.
     hold: bool = False
     describe: Callable[[Level, float, Thresholds], str] = None  # the message when raised
+    # back(level, reference at the raise, th): the signal is on the healthy side of the threshold again; once it is
+    # at patience log points in a row the detection has ended (recovered) and the detector is armed again.
+    back: Callable[[Level, float, Thresholds], bool] = None
 
 
 def _pct(lv: Level) -> str:
     return f"{lv.value / lv.reference:.0%}" if lv.reference else "-"
 
 
+def _halfway_back(lv: Level, threshold: float, reference: float) -> bool:
+    """The short level at least halfway back from the threshold to the reference (in logs: the geometric mean), so
+    that a level wavering around the threshold does not end and raise the detection again and again."""
+    return lv.value >= math.sqrt(threshold * reference)
+
+
+def _length_back(lv: Level, reference: float, th: Thresholds) -> bool:
+    return _halfway_back(lv, th.collapse_ratio * reference, reference)
+
+
 DETECTORS_TABLE = (
     Detector("length_collapse", "length", _length_collapse, "bai/response_length_ratio",
              describe=lambda lv, s, th: f"sequence length collapse: response length level {lv.value:.0f} at "
-             f"{_pct(lv)} of its reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})"),
+             f"{_pct(lv)} of its reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})",
+             back=_length_back),
     Detector("truncation_drop", "length", _truncation_drop, "bai/response_length_ratio",
              describe=lambda lv, s, th: f"length drop from the truncation cap: response length level "
              f"{lv.value:.0f} at {_pct(lv)} of its reference {lv.reference:.0f} tokens, but the responses that were "
-             "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning"),
+             "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning",
+             back=_length_back),
+    # Recovered only when back at its old level (within one noise unit): the slow climb is the hockey stick's blade.
     Detector("hockey_stick", "reward", _reward_drop, "bai/reward_drawdown",
              describe=lambda lv, s, th: f"reward hockey stick: reward level {lv.value:.4g} fell from its reference "
              f"{lv.reference:.4g} by {(lv.ref - lv.long) / lv.noise_long:.1f} noise units "
-             f"(--bai.reward_drop {th.reward_drop:g}, --bai.noise_units {th.noise_units:g})"),
+             f"(--bai.reward_drop {th.reward_drop:g}, --bai.noise_units {th.noise_units:g})",
+             back=lambda lv, reference, th: lv.short >= reference - lv.noise_short),
     Detector("entropy_collapse", "entropy", _entropy_collapse, "bai/entropy_ratio", peak=True,
              describe=lambda lv, s, th: f"entropy collapse: policy entropy level {lv.value:.3g} at {_pct(lv)} of "
-             f"its highest level {lv.reference:.3g} (--bai.entropy_ratio {th.entropy_ratio:g})"),
+             f"its highest level {lv.reference:.3g} (--bai.entropy_ratio {th.entropy_ratio:g})",
+             back=lambda lv, reference, th: _halfway_back(lv, min(th.entropy_ratio * reference, th.entropy_nats),
+                                                          reference)),
     Detector("kl_blowup", "kl", _kl_blowup, "bai/kl_ratio", hold=True,
              describe=lambda lv, s, th: f"KL blow-up: KL level {lv.value:.3g} nats against its reference "
              f"{'-' if lv.reference is None else format(lv.reference, '.3g')} (--bai.kl_limit_nats "
@@ -477,13 +503,16 @@ def new_state(cap: float | None = None) -> dict:
         "cap": cap,  # the run's length limit; else max_length, the largest max-length metric logged
         "max_length": None,
         "signals": {name: _new_track() for name in SIGNAL_KEYS},
-        # step: raised at; run: consecutive log points held; weakest: the strengths of its last patience; sustained:
-        # the step it became strong and sustained (on_collapse acts); strength / max_strength: at the raise and
-        # the highest; extreme: lowest ratio (highest for KL, deepest drawdown for the reward) while judged;
-        # reference: what it was measured against at the raise (else at the extreme); recovery_steps: reward only.
+        # step: first raised at; run: consecutive log points held; weakest: the strengths of its last patience;
+        # sustained: the step it first became strong and sustained (on_collapse acts); strength / max_strength: at the
+        # first raise and the highest; extreme: lowest ratio (highest for KL, deepest drawdown for the reward) while
+        # judged; reference: what it was measured against at the first raise (else at the extreme); recovery_steps:
+        # from the first raise to its recovery; back / back_step: log points in a row back on the healthy side, and
+        # the first of them; episodes: every raise, {"step", "reference", "sustained", "recovery_step"}, the last
+        # one open (the detection holds) until it recovers.
         "detectors": {d.name: {"step": None, "run": 0, "weakest": None, "sustained": None, "strength": None,
                                "max_strength": None, "extreme": None, "reference": None, "recovery_steps": None,
-                               "depth": 0.0, "back": 0, "back_step": None}
+                               "depth": 0.0, "back": 0, "back_step": None, "episodes": []}
                       for d in DETECTORS_TABLE},
         # What fired, in order: {"detector", "step", "message", "values", "alarm"}; the monitor acts on new entries.
         "events": [],
@@ -498,6 +527,14 @@ def upgrade_state(old: dict, th: Thresholds = Thresholds()) -> dict | None:
         return None
     if old.get("version") == STATE_VERSION:
         return old
+    if old.get("version") == 3:  # one raise each: it becomes the first episode (open unless the reward recovered)
+        for found in old["detectors"].values():
+            recovery = found["recovery_steps"]
+            found["episodes"] = [] if found["step"] is None else [
+                {"step": found["step"], "reference": found["reference"], "sustained": found["sustained"],
+                 "recovery_step": None if recovery is None else found["step"] + recovery}]
+        old["version"] = STATE_VERSION
+        return old
     if old.get("version") != 2:
         return None
     state = new_state()
@@ -511,7 +548,8 @@ def upgrade_state(old: dict, th: Thresholds = Thresholds()) -> dict | None:
     for name in DETECTORS:
         step = (old.get(name) or {}).get("step")
         if step is not None:
-            state["detectors"][name].update(step=step, sustained=step)
+            state["detectors"][name].update(step=step, sustained=step, episodes=[
+                {"step": step, "reference": None, "sustained": step, "recovery_step": None}])
     return state
 
 
@@ -554,32 +592,39 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
             found["weakest"] = ([] if found["run"] == 1 else found["weakest"])[-(th.patience - 1):] + [strength]
         else:
             found["run"], found["weakest"] = 0, None
+        episodes = found["episodes"]
+        episode = episodes[-1] if episodes and episodes[-1]["recovery_step"] is None else None  # raised, not ended
         # A point a hair past the threshold is as likely noise as a fall: raised at once only raise_units past it.
-        if (held and found["step"] is None and found["run"] >= (th.patience if detector.hold else 1)
+        if (held and episode is None and found["run"] >= (th.patience if detector.hold else 1)
                 and (strength >= th.raise_units or found["run"] >= th.patience)):
-            found.update(step=step, strength=strength, reference=lv.reference)
+            episode = {"step": step, "reference": lv.reference, "sustained": None, "recovery_step": None}
+            episodes.append(episode)
             values = {"level": lv.value, "reference": lv.reference, "strength": strength,
                       detector.measure.removeprefix("bai/"): measure}
+            if found["step"] is None:  # the verdict's fields describe the first raise
+                found.update(step=step, strength=strength, reference=lv.reference)
+                if detector.signal == "length" and "truncation" in levels:
+                    found.update(levels["truncation"])
             if detector.signal == "length" and "truncation" in levels:
-                found.update(levels["truncation"])
                 values.update(levels["truncation"])
+            again = f" (again: the last one ended at step {episodes[-2]['recovery_step']})" if episodes[:-1] else ""
             _event(state, detector.name, step, f"{detector.describe(lv, strength, th)}; {strength:.1f} noise units "
-                   "past the threshold", values)
+                   f"past the threshold{again}", values)
         if held:
             found["max_strength"] = max(found["max_strength"] or strength, strength)
-        if (found["step"] is not None and found["sustained"] is None and found["run"] >= th.patience
+        if (episode is not None and episode["sustained"] is None and found["run"] >= th.patience
                 and min(found["weakest"]) >= th.action_strength):
-            found["sustained"] = step
-            _event(state, detector.name, step, f"{detector.name.replace('_', ' ')} (raised at step {found['step']}) "
+            episode["sustained"] = step
+            found["sustained"] = found["sustained"] or step
+            _event(state, detector.name, step, f"{detector.name.replace('_', ' ')} (raised at step {episode['step']}) "
                    f"sustained: held {found['run']} log points, each at least {th.action_strength:g} noise units past "
                    "the threshold (--bai.action_strength)",
-                   {"strength": min(found["weakest"]), "raised_step": found["step"]},
+                   {"strength": min(found["weakest"]), "raised_step": episode["step"]},
                    alarm=False, sustained=True)
-        if detector.name == "hockey_stick":
-            _recovery(state, found, lv, step, th)
+        _recovery(state, detector, found, episode, lv, step, th)
         if math.isfinite(measure) and (held or candidate or detector.measure not in out):
             out[detector.measure] = measure  # two rows share the length ratio: the one holding (frozen) reports it
-        out[f"bai/{detector.name}"] = float(held and found["step"] is not None)
+        out[f"bai/{detector.name}"] = float(held and episode is not None)
         out[f"bai/{detector.name}_strength"] = max(strength, -99.0) if math.isfinite(strength) else -99.0
     found = state["detectors"]
     if found["length_collapse"]["step"] is not None:
@@ -602,20 +647,30 @@ def _track_extreme(detector: Detector, found: dict, lv: Level, measure: float) -
         found["depth"] = max(found["depth"], measure)
 
 
-def _recovery(state: dict, found: dict, lv: Level, step: int, th: Thresholds) -> None:
-    """After a reward drop: the short level back within one noise unit of the reference it fell from, at patience
-    log points in a row; recovery_steps counts from the drop to the first of them."""
-    if found["step"] is None or found["recovery_steps"] is not None or found["run"] > 0:
+def _recovery(state: dict, detector: Detector, found: dict, episode: dict | None, lv: Level, step: int,
+              th: Thresholds) -> None:
+    """After a raise: the signal back on the healthy side of its threshold (detector.back; the reward: within one
+    noise unit of the reference it fell from) at patience log points in a row ends the episode, from the first of
+    them, and arms the detector again. A collapse that comes back was a dip: the corpus rule's collapse never does."""
+    if episode is None or found["run"] > 0 or detector.back is None:
         return
-    # Back for patience points in a row: a noisy reward touching its old level once has not recovered.
-    found["back"] = found.get("back", 0) + 1 if lv.short >= found["reference"] - lv.noise_short else 0
+    # Back for patience points in a row: a noisy signal touching its old level once has not recovered.
+    found["back"] = found["back"] + 1 if detector.back(lv, episode["reference"], th) else 0
     if found["back"] == 1:
         found["back_step"] = step
-    if found["back"] >= th.patience:
-        found["recovery_steps"] = found["back_step"] - found["step"]
-        _event(state, "reward_recovered", step,
-               f"reward back at its reference {found['recovery_steps']} steps after the drop: a hockey stick",
-               {"recovery_steps": found["recovery_steps"]}, alarm=False)
+    if found["back"] < th.patience:
+        return
+    episode["recovery_step"], found["back"] = found["back_step"], 0
+    steps = episode["recovery_step"] - episode["step"]
+    if found["recovery_steps"] is None:
+        found["recovery_steps"] = steps
+    if detector.name == "hockey_stick":
+        _event(state, "reward_recovered", step, f"reward back at its reference {steps} steps after the drop at "
+               f"step {episode['step']}: a hockey stick", {"recovery_steps": steps}, alarm=False)
+    else:
+        _event(state, f"{detector.name}_recovered", step, f"{detector.name.replace('_', ' ')} raised at step "
+               f"{episode['step']} has ended: back on the healthy side of its threshold since step "
+               f"{episode['recovery_step']} ({steps} steps after the raise)", {"recovery_steps": steps}, alarm=False)
 
 
 def verdict(state: dict) -> dict:
@@ -624,9 +679,16 @@ def verdict(state: dict) -> dict:
     length, hockey, entropy, kl, truncation = (d[name] for name in (
         "length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup", "truncation_drop"))
 
-    def common(found):  # added in 0.3: how strong, and when --bai.on_collapse save/stop would have acted
+    def common(found):  # added in 0.3: how strong, when --bai.on_collapse save/stop would have acted, and each
+        # raise and whether it ended; unrecovered_step: the raise still holding at the end of the log (a collapse
+        # that did not come back), else None
+        episodes = [{key: e[key] for key in ("step", "sustained", "recovery_step")} for e in found["episodes"]]
         return {"strength": found["strength"], "max_strength": found["max_strength"],
-                "sustained_step": found["sustained"], "reference": found["reference"]}
+                "sustained_step": found["sustained"], "reference": found["reference"],
+                "recovery_steps": found["recovery_steps"], "recovered": found["recovery_steps"] is not None,
+                "episodes": episodes,
+                "unrecovered_step": (episodes[-1]["step"] if episodes and episodes[-1]["recovery_step"] is None
+                                     else None)}
 
     lowest_length = min((x for x in (length["extreme"], truncation["extreme"]) if x is not None), default=None)
     return {
@@ -634,8 +696,7 @@ def verdict(state: dict) -> dict:
                             "min_ratio": lowest_length, "untruncated_ratio": length.get("untruncated_ratio"),
                             **common(length)},
         "hockey_stick": {"detected": hockey["step"] is not None, "drop_step": hockey["step"],
-                         "depth": hockey["depth"], "recovery_steps": hockey["recovery_steps"],
-                         "recovered": hockey["recovery_steps"] is not None, **common(hockey)},
+                         "depth": hockey["depth"], **common(hockey)},
         "entropy_collapse": {"detected": entropy["step"] is not None, "step": entropy["step"],
                              "min_ratio": entropy["extreme"], **common(entropy)},
         "kl_blowup": {"detected": kl["step"] is not None, "step": kl["step"], "max_ratio": kl["extreme"],
