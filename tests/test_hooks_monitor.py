@@ -230,19 +230,26 @@ def test_collapse_and_hockey_stick_reach_tensorboard_and_jsonl(tmp_path, hooked,
     assert all("noise units past the threshold" in w for w in warnings)
 
 
-def test_a_collapse_that_comes_back_is_reported_ended_and_raised_again_when_it_returns(tmp_path, hooked, monitor_log):
+def test_a_collapse_that_comes_back_is_reported_ended_and_raised_and_saved_again_when_it_returns(
+        tmp_path, hooked, monitor_log, monkeypatch, ray_with_hooks):  # Ray: OpenRLHF's save path ray.get()s
+    monkeypatch.setenv(CONFIG_ENV, json.dumps({"on_collapse": "save"}))
     rng = random.Random(2)
     shape = [1000.0] * 10 + [100.0] * 10 + [1000.0] * 10 + [100.0] * 10
     rows = [{LENGTH: v * (1 + rng.uniform(-0.03, 0.03)), REWARD: 0.5, "policy_loss": 0.01} for v in shape]
-    args = openrlhf_args(tmp_path)
-    drive(make_trainer(args), rows)
-    flagged = [s for s, v in sorted(tensorboard_scalars(args)["train/bai/length_collapse"].items()) if v == 1.0]
+    args, group = openrlhf_args(tmp_path), RecordingActorGroup()
+    drive(make_trainer(args, actor_group=group), rows)
+    tb = tensorboard_scalars(args)
+    flagged = [s for s, v in sorted(tb["train/bai/length_collapse"].items()) if v == 1.0]
     first, second = flagged[0], next(s for s in flagged if s > 30)
     assert 11 <= first <= 15 and 31 <= second <= 35 and not any(23 <= s <= 30 for s in flagged)
-    messages = [(r.levelname, r.getMessage()) for r in monitor_log.records]
-    assert [level for level, m in messages if "length collapse" in m] == ["WARNING", "INFO", "WARNING"]
-    ended = next(m for level, m in messages if level == "INFO")
-    assert f"raised at step {first} has ended" in ended and "again: the last one ended" in messages[-1][1]
+    messages = [(r.levelname, r.getMessage()) for r in monitor_log.records if "length collapse" in r.getMessage()]
+    # raised, sustained (saved), ended, raised again, sustained again (saved again)
+    assert [level for level, _ in messages] == ["WARNING", "WARNING", "INFO", "WARNING", "WARNING"]
+    assert f"raised at step {first} has ended" in messages[2][1] and "again: the last one ended" in messages[3][1]
+    sustained = [sustained_step({s: v for s, v in tb["train/bai/length_collapse_strength"].items() if s > after})
+                 for after in (0, 30)]
+    assert [kw["tag"] for name, kw in group.calls if name == "save_checkpoint"] == [
+        f"global_step{s}" for s in sustained]
 
 
 def test_healthy_noisy_runs_stay_silent(tmp_path, hooked, monitor_log):
