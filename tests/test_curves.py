@@ -68,6 +68,10 @@ DISAGREE = {
     # explodes to 6.75 as the policy blows up; the rule calls no collapse, as the entropy is high at the end (the
     # detection ends at step 53: the verdict's unrecovered_step is None).
     ("dumbkin31-qwen3-17b-mixedcuts-grpo-math-h200", "entropy_collapse"): "false alarm",
+    # Held-out batch 10, as first met: entropy at 0.002-0.1 from step 30, jumping by up to 20x from one log point to
+    # the next; its 5-point median is at 0.11 of its peak from step 55 but 2 noise units past 0.2 (ratio_units) only
+    # at step 85, 7 points after the onset (like the rho150 run above).
+    ("viraj-qwen25-3b-drgrpo-sciknoweval-refusal", "entropy_collapse"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
