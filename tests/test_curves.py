@@ -75,9 +75,9 @@ DISAGREE = {
     # Held-out batch 11, as first met. A 1 x 8-completion length falling slowly from its 200-token cap to ~60 over 200
     # steps: no 100 steps see it fall to 0.6 of their median (like houkawa2 above).
     ("tituslhy-qwen25-14b-grpo-gsm8k", "length_collapse"): "miss",
-    # The length halves at steps 55-70 as the truncated share falls from ~70 % to 0; the untruncated responses kept 0.5997
-    # of their estimated length, a hair under collapse_ratio, so it is raised as a collapse at 72, not a truncation drop;
-    # the rule (borderline) sees its 5-point level stay under 60 % of the start only from 272.
+    # The length halves at steps 55-70 as the truncated share falls from ~70 % to 0; the untruncated responses kept
+    # 0.5997 of their estimated length, a hair under collapse_ratio, so it is raised as a collapse at 72, not as a
+    # truncation drop; the rule (borderline) sees its 5-point level stay under 60 % of the start only from 272.
     ("surtrj-qwen3-4b-grpo-dapo-math", "length_collapse"): "early",
     # A 4-completion reward sliding from ~0.3 to ~-0.1: the 20-step level clears 3 noise units 5 points after the onset.
     ("standingongiants-qwen25-3b-grpo-incident-response-lr5e-5", "hockey_stick"): "late",
