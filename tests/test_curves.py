@@ -99,6 +99,22 @@ def test_every_label_is_what_the_written_rule_gives():
     assert out.count("\nsame ") + out.startswith("same ") == len(REAL) and "0 run(s) differ" in out
 
 
+def test_the_written_rule_labels_a_run_whose_entropy_or_untruncated_length_starts_at_zero(tmp_path):
+    # Real notebook tables log entropy 0 at step 1, or have every response truncated at first (a terminated length of
+    # 0): the rule still gives its verdict (the ratios in its notes are NaN there).
+    rows = ["step,completions/mean_length,completions/clipped_ratio,completions/mean_terminated_length,reward,entropy"]
+    rows += [f"{s},{900 if s < 30 else 200},{1.0 if s < 10 else 0.2},{0 if s < 10 else 150},0.5,{0 if s == 1 else 0.4}"
+             for s in range(1, 61)]
+    (tmp_path / "curve.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "provenance.json").write_text(json.dumps({"format": "csv", "file": "curve.csv", "logging_steps": 1}))
+    out = subprocess.run([sys.executable, str(DATA / "curves" / "label_rule.py"), "--json", str(tmp_path)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    label, end = json.JSONDecoder().raw_decode(out.stdout)  # the label, then the notes
+    assert label["truncation_drop"]["present"] and not label["entropy_collapse"]["present"]
+    assert "start=0, level min 0 (nan)" in out.stdout[end:]
+
+
 def test_the_corpus_has_real_runs_from_several_sources_with_provenance_and_events():
     assert len(REAL) >= 20 and len({c["source"] for c in REAL}) >= 5
     assert sum(any(e["present"] for e in c["label"].values()) for c in REAL) >= 5

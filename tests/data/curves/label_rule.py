@@ -39,6 +39,11 @@ def g(x: float) -> str:
     return f"{x:.4g}"
 
 
+def ratio(x: float, start: float) -> float:
+    """x / start for the notes; NaN where the start is 0 (an entropy logged as 0 at first, every response truncated)."""
+    return x / start if start else math.nan
+
+
 def windows(n: int) -> tuple[int, int]:
     return max(1, min(10, n // 10)), max(1, min(5, n // 10))
 
@@ -103,7 +108,7 @@ def length_collapse(rows, provenance, cap):
     k, w = windows(len(values))
     valid = [x for x in lv if x is not None]
     notes.append(f"length {name}: start(median first {k} pts)={g(start)}, {w}-pt level min={g(min(valid))} "
-                 f"({min(valid) / start:.2f}), last={g(valid[-1])} ({valid[-1] / start:.2f}); "
+                 f"({ratio(min(valid), start):.2f}), last={g(valid[-1])} ({ratio(valid[-1], start):.2f}); "
                  f"raw min/max {g(min(values))}/{g(max(values))}")
     if onset is None:
         return out, notes
@@ -133,15 +138,15 @@ def length_collapse(rows, provenance, cap):
         held = bool(after) and min(after) >= 0.6 * nt_start
         nt_onset, _, _ = length_rule(nt_steps, nt_values)
         notes.append(f"non-truncated length {nt_src}: start={g(nt_start)}, level min {g(min(nt_valid))} "
-                     f"({min(nt_valid) / nt_start:.2f}), min from the onset on {g(min(after)) if after else '-'} "
-                     f"({(min(after) / nt_start) if after else float('nan'):.2f}), last {g(nt_valid[-1])} "
-                     f"({nt_valid[-1] / nt_start:.2f}); collapse by itself at "
+                     f"({ratio(min(nt_valid), nt_start):.2f}), min from the onset on {g(min(after)) if after else '-'} "
+                     f"({ratio(min(after), nt_start) if after else float('nan'):.2f}), last {g(nt_valid[-1])} "
+                     f"({ratio(nt_valid[-1], nt_start):.2f}); collapse by itself at "
                      f"{nt_steps[nt_onset] if nt_onset is not None else 'none'}")
         nt = held
     event = "truncation_drop" if nt else "length_collapse"
     out[event] = {"present": True, "onset_step": step}
     notes.append(f"length level below 50 % of the start from step {step} (level {g(lv[onset])}, "
-                 f"{lv[onset] / start:.2f}) and never back above 60 %: {event}"
+                 f"{ratio(lv[onset], start):.2f}) and never back above 60 %: {event}"
                  + ("" if nt_steps else " (no truncated share / untruncated length logged)"))
     return out, notes
 
@@ -208,8 +213,8 @@ def entropy_collapse(rows, provenance):
         return x is not None and x <= 0.2 * start and x <= 0.1
 
     valid = [x for x in lv if x is not None]
-    note = (f"entropy {name}: start {g(start)}, level min {g(min(valid))} ({min(valid) / start:.2f}), "
-            f"last {g(valid[-1])} ({valid[-1] / start:.2f})")
+    note = (f"entropy {name}: start {g(start)}, level min {g(min(valid))} ({ratio(min(valid), start):.2f}), "
+            f"last {g(valid[-1])} ({ratio(valid[-1], start):.2f})")
     if low(valid[-1]):
         for i, x in enumerate(lv):
             if low(x) and all(y <= 0.3 * start for y in lv[i:]):
