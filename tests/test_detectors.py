@@ -370,8 +370,9 @@ def test_a_state_saved_by_0_2_keeps_its_reference_and_what_it_raised():
            "events": []}
     state = upgrade_state(old)
     assert state["detectors"]["hockey_stick"]["step"] == 12  # not raised again
-    for step in range(41, 50):
-        observe(state, step, {LENGTH: 300.0}, TH)
+    for step in range(41, 50):  # a reward too: 0.2's raise has no reference to come back to, and must not fail
+        observe(state, step, {LENGTH: 300.0, REWARD: 0.5 + 0.01 * (step % 3)}, TH)
+    assert verdict(state)["hockey_stick"]["episodes"] == [{"step": 12, "sustained": 12, "recovery_step": None}]
     found = verdict(state)["length_collapse"]
     assert found["detected"] and found["step"] <= 41 + TH.patience  # the reference came from 0.2's window
     assert upgrade_state({"steps": 3}) is None  # 0.1's state (no version): start afresh

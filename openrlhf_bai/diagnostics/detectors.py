@@ -599,14 +599,11 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
                 and (strength >= th.raise_units or found["run"] >= th.patience)):
             episode = {"step": step, "reference": lv.reference, "sustained": None, "recovery_step": None}
             episodes.append(episode)
+            truncation = levels.get("truncation", {}) if detector.signal == "length" else {}
             values = {"level": lv.value, "reference": lv.reference, "strength": strength,
-                      detector.measure.removeprefix("bai/"): measure}
+                      detector.measure.removeprefix("bai/"): measure, **truncation}
             if found["step"] is None:  # the verdict's fields describe the first raise
-                found.update(step=step, strength=strength, reference=lv.reference)
-                if detector.signal == "length" and "truncation" in levels:
-                    found.update(levels["truncation"])
-            if detector.signal == "length" and "truncation" in levels:
-                values.update(levels["truncation"])
+                found.update(step=step, strength=strength, reference=lv.reference, **truncation)
             again = f" (again: the last one ended at step {episodes[-2]['recovery_step']})" if episodes[:-1] else ""
             _event(state, detector.name, step, f"{detector.describe(lv, strength, th)}; {strength:.1f} noise units "
                    f"past the threshold{again}", values)
@@ -652,10 +649,13 @@ def _recovery(state: dict, detector: Detector, found: dict, episode: dict | None
     """After a raise: the signal back on the healthy side of its threshold (detector.back; the reward: within one
     noise unit of the reference it fell from) at patience log points in a row ends the episode, from the first of
     them, and arms the detector again. A collapse that comes back was a dip: the corpus rule's collapse never does."""
-    if episode is None or found["run"] > 0 or detector.back is None:
+    # A raise carried over from 0.2's state has no reference to come back to; KL blow-ups do not end.
+    if episode is None or episode["reference"] is None or detector.back is None:
         return
-    # Back for patience points in a row: a noisy signal touching its old level once has not recovered.
-    found["back"] = found["back"] + 1 if detector.back(lv, episode["reference"], th) else 0
+    # Back for patience points in a row (a point that holds the condition again breaks the row): a noisy signal
+    # touching its old level once has not recovered.
+    back = found["run"] == 0 and detector.back(lv, episode["reference"], th)
+    found["back"] = found["back"] + 1 if back else 0
     if found["back"] == 1:
         found["back_step"] = step
     if found["back"] < th.patience:
