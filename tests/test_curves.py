@@ -60,10 +60,6 @@ DISAGREE = {
     # Held-out batch 7, as first met: the reward steps down at step 21 (the script switches its reward weights); raised
     # at 45, while the rule, whose 20-point window still holds the four high points before it, dates the fall at 120.
     ("alethia-qwen25-15b-lfgrpo-gsm8k-resumed-300", "hockey_stick"): "early",
-    # Held-out batch 8, as first met: a length that falls slowly, 365 -> 225 -> 150 -> 100 tokens over ~500 steps. The
-    # reference is the median of the last 100 steps, and no 100 steps see it fall to 0.6; the rule measures from the
-    # start (docs/benchmarks.md, "What is still wrong").
-    ("houkawa2-qwen25-15b-ppo-coderl-sampled", "length_collapse"): "miss",
     # Held-out batch 9, as first met: entropy falls to 0.033 nats (14 % of its start) at steps 38-49, raised at 40, then
     # explodes to 6.75 as the policy blows up; the rule calls no collapse, as the entropy is high at the end (the
     # detection ends at step 53: the verdict's unrecovered_step is None).
@@ -72,15 +68,37 @@ DISAGREE = {
     # the next; its 5-point median is at 0.11 of its peak from step 55 but 2 noise units past 0.2 (ratio_units) only
     # at step 85, 7 points after the onset (like the rho150 run above).
     ("viraj-qwen25-3b-drgrpo-sciknoweval-refusal", "entropy_collapse"): "late",
-    # Held-out batch 11, as first met. A 1 x 8-completion length falling slowly from its 200-token cap to ~60 over 200
-    # steps: no 100 steps see it fall to 0.6 of their median (like houkawa2 above).
-    ("tituslhy-qwen25-14b-grpo-gsm8k", "length_collapse"): "miss",
+    # Held-out batch 11: a 1 x 8-completion length falling slowly from its 200-token cap to ~60 over 200 steps. As
+    # first met, a miss: no 100 steps see it fall to 0.6 of their median. Since start_ratio (a fall to half the start
+    # level, judged after batch 12, like houkawa2-* of batch 8, now a hit) it is raised at 171: the 5-point median is
+    # 0.41-0.46 of the start from 135 on, but with 5-point medians jumping 2x it is 2 noise units past 0.5 only at 171.
+    ("tituslhy-qwen25-14b-grpo-gsm8k", "length_collapse"): "late",
     # The length halves at steps 55-70 as the truncated share falls from ~70 % to 0; the untruncated responses kept
     # 0.5997 of their estimated length, a hair under collapse_ratio, so it is raised as a collapse at 72, not as a
     # truncation drop; the rule (borderline) sees its 5-point level stay under 60 % of the start only from 272.
     ("surtrj-qwen3-4b-grpo-dapo-math", "length_collapse"): "early",
     # A 4-completion reward sliding from ~0.3 to ~-0.1: the 20-step level clears 3 noise units 5 points after the onset.
     ("standingongiants-qwen25-3b-grpo-incident-response-lr5e-5", "hockey_stick"): "late",
+    # Seen only once the corpus read each run's own metric names as `diagnose --length-key` does (2026-11-28): a 30M
+    # model's noisy length (52-502 tokens a step) sits at 0.32 of its start over steps 34-43 and comes back by 71 (the
+    # detection ends there; by the rule a dip).
+    ("coicozoi-minimind-grpo-chat-123", "length_collapse"): "false alarm",
+    # Held-out batch 13, as first met: Qwen2.5-Math-1.5B (a base model) learning the R1-Zero format, 256 samples a
+    # step. Its length falls from 305 tokens at step 1 to a third or less within 3-10 steps; the rule's start (the
+    # median of the first 10 points) holds the fall, so only a length that falls again later could be a collapse.
+    # Live, the fall is raised at steps 11-14; in two runs it grows back to 400+ tokens (the detection ends), in the
+    # third it stays at 14-60 tokens (a collapse to the eye; the rule's start window hides it: borderline).
+    ("shibukizero-qwen25-math-15b-grpo-math-lr4e-5-400", "length_collapse"): "false alarm",
+    ("shibukizero-qwen25-math-15b-grpo-math-masked-normalize", "length_collapse"): "false alarm",
+    ("shibukizero-qwen25-math-15b-grpo-math-no-baseline", "length_collapse"): "false alarm",
+    # ... and their entropy: measured from its highest level (0.29 at step 29, after the first step's 0.92), not from
+    # the start (the median of the first 10 points, 0.22), a healthy run's entropy of 0.05 at steps 173-185 is under
+    # 20 % of it; in the no-baseline run it falls to 0.05 for 15 steps and comes back (the detection ends); two real
+    # collapses are raised 7 and 34 steps before the rule's onset (the rule counts from below 20 % of the start).
+    ("shibukizero-qwen25-math-15b-grpo-math-lr4e-5-400", "entropy_collapse"): "false alarm",
+    ("shibukizero-qwen25-math-15b-grpo-math-no-baseline", "entropy_collapse"): "false alarm",
+    ("shibukizero-qwen25-math-15b-grpo-math-batch-token-mean", "entropy_collapse"): "early",
+    ("shibukizero-qwen25-math-15b-grpo-math-masked-normalize", "entropy_collapse"): "early",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
@@ -113,6 +131,19 @@ def test_the_written_rule_labels_a_run_whose_entropy_or_untruncated_length_start
     label, end = json.JSONDecoder().raw_decode(out.stdout)  # the label, then the notes
     assert label["truncation_drop"]["present"] and not label["entropy_collapse"]["present"]
     assert "start=0, level min 0 (nan)" in out.stdout[end:]
+
+
+def test_every_run_is_judged_on_the_metrics_its_label_was_decided_on():
+    # A custom loop's "token_entropy" or "Percentage of correct examples" is read as a user would, with diagnose's
+    # --<signal>-key: a signal the detectors never saw would count as a right "quiet" without being judged.
+    measures = {"length": "bai/length_collapse_strength", "reward": "bai/hockey_stick_strength",
+                "entropy": "bai/entropy_collapse_strength", "kl": "bai/kl_blowup_strength"}
+    for curve in REAL:
+        per_step = analyze(curve["rows"], TH, cap=curve.get("cap"))[1]
+        for role, name in (curve["provenance"].get("metric_names") or {}).items():
+            logged = sum(name in metrics for _, metrics in curve["rows"])
+            if role in measures and logged:
+                assert any(measures[role] in out for out in per_step), (curve["name"], role, name)
 
 
 def test_the_corpus_has_real_runs_from_several_sources_with_provenance_and_events():

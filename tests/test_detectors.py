@@ -4,6 +4,7 @@
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -53,11 +54,20 @@ def test_a_collapse_between_the_first_two_log_points_cannot_contaminate_the_refe
     assert result["length_collapse"]["min_ratio"] == pytest.approx(120 / 2400)
 
 
-def test_the_reference_window_is_counted_in_steps_so_a_slow_decline_is_no_collapse():
+def test_a_slow_decline_is_a_collapse_only_once_under_half_its_start():
     rng = random.Random(0)
-    # Length halves over 500 steps (a length penalty): never 40 % below its median of the last 100 steps.
+    # Length falls to 0.53 of its start over 500 steps (a length penalty): never 40 % below its median of the last
+    # 100 steps, and not under half of its start level (the median of the first 100 steps): no collapse.
     rows = rows_of([3000.0 * (1 - s / 1000) * (1 + rng.gauss(0, 0.04)) for s in range(500)], [0.5] * 500)
     assert not analyze(rows)[0]["length_collapse"]["detected"]
+    # The same slope on to a fifth: a collapse, raised against the start level where the level passes half of it.
+    rows = rows_of([3000.0 * (1 - s / 1000) * (1 + rng.gauss(0, 0.04)) for s in range(800)], [0.5] * 800)
+    found = events(rows)
+    assert [e["detector"] for e in found if e["alarm"]] == ["length_collapse"]
+    assert "of its start level 2" in found[0]["message"] and "--bai.start_ratio 0.5" in found[0]["message"]
+    level = 3000.0 * (1 - (found[0]["step"] - 1) / 1000)
+    assert 0.4 < level / found[0]["values"]["reference"] < 0.5  # just past half the start (about 2850 tokens)
+    assert not analyze(rows, replace(TH, start_ratio=0.15))[0]["length_collapse"]["detected"]  # the knob
     # The same halving within 20 steps is one.
     fast = [3000.0] * 50 + [3000.0 * (1 - s / 40) for s in range(20)] + [1500.0] * 30
     assert analyze(rows_of([v * (1 + rng.gauss(0, 0.04)) for v in fast], [0.5] * 100))[0]["length_collapse"]["detected"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from openrlhf_bai.atomic import check_output_file, same_file, write_text_atomic
 from openrlhf_bai.diagnostics.detectors import (HELP, RENAMED, SIGNAL_KEYS, Thresholds, analyze, first_value,
-                                                make_thresholds, renamed_message)
+                                                make_thresholds, name_signals, renamed_message)
 from openrlhf_bai.diagnostics.plot import FIGURE_FORMATS, figure_format
 from openrlhf_bai.diagnostics.readers import KINDS, read_rows
 from openrlhf_bai.errors import BAIError
@@ -102,11 +102,7 @@ def check_outputs(args) -> None:
 def diagnose_run(run: str, args) -> dict:
     """Verdict of one RUN plus what the table, JSON and plot need."""
     kind, rows = read_rows(run, args.kind, step_key=args.step_key, logging_steps=args.logging_steps)
-    renamed = {signal: getattr(args, f"{signal}_key", None) for signal in SIGNAL_KEYS}
-    for _, metrics in rows:  # a metric named by --<signal>-key is read as that signal's first known name
-        for signal, key in renamed.items():
-            if key and key in metrics:
-                metrics[SIGNAL_KEYS[signal][0]] = metrics[key]
+    name_signals(rows, {signal: getattr(args, f"{signal}_key", None) for signal in SIGNAL_KEYS})
     # A step that logged none of the signals (verl's step 0 holds only validation scores) is no training step.
     trained = [row for row in rows if any(first_value(row[1], keys) is not None for keys in SIGNAL_KEYS.values())]
     if not trained:

@@ -25,7 +25,7 @@ import math
 import random
 from pathlib import Path
 
-from openrlhf_bai.diagnostics.detectors import DETECTORS
+from openrlhf_bai.diagnostics.detectors import DETECTORS, name_signals
 from openrlhf_bai.diagnostics.readers import read_rows
 
 LENGTH, REWARD, ENTROPY, KL, TRUNCATED = (
@@ -54,6 +54,11 @@ def real_curves(root: str | Path) -> list[dict]:
         raw = json.loads((run / "label.json").read_text())
         logging_steps = int(provenance.get("logging_steps") or 1)
         kind, rows = read_rows(run / provenance["file"], logging_steps=logging_steps)
+        # The metrics the run logs under its own names, read as a user would: diagnose --<signal>-key NAME.
+        named = provenance.get("metric_names") or {}
+        name_signals(rows, {"length": named.get("length"), "reward": named.get("reward"),
+                            "entropy": named.get("entropy"), "kl": named.get("kl"),
+                            "truncated": named.get("truncated_rate")})
         label = _label()
         for name, event in raw.items():
             if name in label and isinstance(event, dict) and event.get("undecided_from_step") is not None:

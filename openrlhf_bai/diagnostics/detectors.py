@@ -37,7 +37,9 @@ the end of the log (a collapse, by the corpus rule, never comes back).
 
 - length_collapse: short level < `collapse_ratio` x reference by `ratio_units` of its own noise (a median of 5
   points of a 2-completion run that merely touches the ratio is noise), and the long level `noise_units` below the
-  reference; unless the truncated share explains it (then truncation_drop).
+  reference; or the same fall below `start_ratio` x the **start level** (the median of the values of the run's first
+  `reference_steps` steps, kept for good): a slow decline, which the trailing reference follows down; unless the
+  truncated share explains it (then truncation_drop).
 - truncation_drop: the same fall, explained by the truncation cap: the mean length of the responses that were NOT
   truncated, estimated from the cap C, the truncated share r and the mean m as (m - r C) / (1 - r), stayed at or
   above `collapse_ratio` x its own reference. The cap is the run's (--rollout.max_new_tokens; diagnose
@@ -100,6 +102,7 @@ class Thresholds:
     noise_units: float = 3.0  # every fall must also be this many noise units of the level
     ratio_units: float = 2.0  # the short level must be past its ratio by this many of its own noise units
     collapse_ratio: float = 0.6  # length level / reference below this is a length collapse
+    start_ratio: float = 0.5  # length level / its start level below this is a length collapse too (a slow one)
     reward_drop: float = 0.5  # the reward level losing this share of what it gained over its lowest level: a drop
     entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
     entropy_nats: float = 0.1  # nats: ... and the entropy level below this
@@ -117,6 +120,7 @@ LIMITS = {
     "noise_units": (">= 0", lambda v: v >= 0),
     "ratio_units": (">= 0", lambda v: v >= 0),
     "collapse_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
+    "start_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
     "reward_drop": ("in (0, 1]", lambda v: 0 < v <= 1),
     "entropy_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
     "entropy_nats": ("> 0", lambda v: v > 0),
@@ -134,6 +138,8 @@ HELP = {
                    "(collapse_ratio, entropy_ratio): a level that merely touches the ratio within its own noise "
                    "is not a collapse",
     "collapse_ratio": "response length level / reference below this is a length collapse",
+    "start_ratio": "response length level / its start level (the median over the run's first reference_steps "
+                   "steps) below this is a length collapse too: a slow decline that the trailing reference follows",
     "reward_drop": "the reward level losing this share of what it had gained over its lowest level (the reference "
                    "less that level; at least one step's noise) is a reward drop (a hockey stick's)",
     "entropy_ratio": "entropy level / its highest level since the start below this is an entropy collapse",
@@ -175,6 +181,15 @@ def make_thresholds(values: Mapping[str, Any], flag=lambda key: f"--bai.{key}") 
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
             raise BAIError(f"{flag(key)} must be {expected}, got {value!r}")
     return Thresholds(**chosen)
+
+
+def name_signals(rows: Iterable[tuple[int, dict]], names: Mapping[str, str | None]) -> None:
+    """Read the metric a log names `names[signal]` (diagnose's --<signal>-key: a custom loop's "token_entropy") as
+    that signal: copied, in place, under the signal's first known name, which the detectors read first."""
+    for _, metrics in rows:
+        for signal, key in names.items():
+            if key and key in metrics:
+                metrics[SIGNAL_KEYS[signal][0]] = metrics[key]
 
 
 def first_value(metrics: Mapping[str, Any], keys: Iterable[str]) -> float | None:
@@ -220,6 +235,7 @@ class Level:
     n_ref: int  # points the reference is the median of
     log: bool
     low: float | None = None  # rewards: the lowest long level (over 2 x patience - 1 points or more) so far
+    start: list | None = None  # [median of the first reference_steps steps (signal units), points], once complete
 
     # Standard deviations of a median (1.2533 sigma / sqrt n) and of a trimmed mean (about 1.1 sigma / sqrt n).
     @property
@@ -256,7 +272,8 @@ def _new_track() -> dict:
     # (log) values, repeats left out; repeats: repeated values; peak: highest short level so far (judged units);
     # frozen: {detector: reference in the signal's units} while its condition holds.
     # low: the lowest long level of a reward, which a fall's size is measured from.
-    return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}, "low": None}
+    # start: [median of the values of the first reference_steps steps, points], kept for good once those are complete.
+    return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}, "low": None, "start": None}
 
 
 def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> None:
@@ -267,6 +284,8 @@ def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> No
             track["diffs"] = (track["diffs"] + [abs(_to(log, value) - _to(log, last))])[-NOISE_DIFFS:]
         else:
             track["repeats"] += 1
+    if track.get("start") is None and points and points[0][0] <= step - th.reference_steps:
+        track["start"] = [_median([v for _, v in points]), len(points)]  # the first reference_steps steps are in
     points.append([step, value])
     # Keep the reference window (in steps), but never fewer than 2 x patience points, so that sparse logging
     # (--logger.logging_steps close to reference_steps) still has a reference from before the last patience points.
@@ -330,7 +349,17 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
     sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust)
     if not robust and n_long >= 2 * th.patience - 1:
         track["low"] = long if track.get("low") is None else min(track["low"], long)
-    return Level(short, long, ref, sigma, n_short, n_long, n_ref, log, None if robust else track.get("low"))
+    return Level(short, long, ref, sigma, n_short, n_long, n_ref, log, None if robust else track.get("low"),
+                 track.get("start"))
+
+
+def _from_start(lv: Level) -> Level | None:
+    """The level against its start level instead of its reference (None until the first reference_steps are in)."""
+    return None if lv.start is None else replace(lv, ref=_to(lv.log, lv.start[0]), n_ref=lv.start[1])
+
+
+def _against_start(lv: Level) -> bool:
+    return lv.start is not None and lv.ref == _to(lv.log, lv.start[0])
 
 
 def _with_reference(lv: Level, frozen: list) -> Level:
@@ -360,42 +389,56 @@ def _fall(ratio_limit: float, lv: Level, th: Thresholds) -> tuple[float, float, 
     return strength, math.exp(lv.short - lv.ref), lv.short - lv.ref < log_limit
 
 
-def _untruncated_ratio(state: dict, lv: Level, th: Thresholds, levels: dict) -> float | None:
-    """How far the mean length of the responses that were NOT truncated fell (now / reference), or None when it
-    cannot be told (no cap known, or no truncated share logged at this step)."""
+def _truncation(state: dict, lv: Level, levels: dict) -> dict | None:
+    """How far the mean length of the responses that were NOT truncated fell ("untruncated_ratio": now / reference,
+    or / start when `lv` is judged against its start), with the truncated shares and the cap it was estimated from;
+    None when it cannot be told (no cap known, or no truncated share logged at this step)."""
     cap = state["cap"] or state["max_length"]
     tl = levels.get("truncated")
     if not cap or tl is None or lv.ref is None:
         return None
+    if _against_start(lv):  # the truncated share at the start
+        tl = _from_start(tl) or tl
     before = tl.reference if tl.reference is not None else tl.value
     now, before = min(max(tl.value, 0.0), 0.99), min(max(before, 0.0), 0.99)
     untruncated_before = (lv.reference - before * cap) / (1 - before)
     untruncated_now = (lv.value - now * cap) / (1 - now)
     if untruncated_before <= 0:  # a cap below the mean: the cap we were given is not this run's
         return None
-    levels["truncation"] = {"truncated_before": before, "truncated_after": now, "length_cap": cap,
-                            "untruncated_ratio": untruncated_now / untruncated_before}
-    return untruncated_now / untruncated_before
+    return {"truncated_before": before, "truncated_after": now, "length_cap": cap,
+            "untruncated_ratio": untruncated_now / untruncated_before}
+
+
+def _length_fall(lv: Level, th: Thresholds, state: dict, levels: dict, name: str,
+                 by_cap: bool) -> tuple[float, float, bool]:
+    """The stronger of two falls: below collapse_ratio x the reference (the trailing median: a sharp collapse), and
+    below start_ratio x the start level (a slow decline, which the trailing reference follows down). Each is a
+    collapse unless the truncated share explains it (`by_cap`: the truncation drop's judge wants the opposite). The
+    level judged against (its reference) and the truncation it was told from are left in levels["judged"][name]
+    for the raise's message."""
+    best = (-math.inf, math.nan, False)
+    for ratio_limit, judged in ((th.collapse_ratio, lv), (th.start_ratio, _from_start(lv))):
+        if judged is None:
+            continue
+        strength, ratio, candidate = _fall(ratio_limit, judged, th)
+        truncation = _truncation(state, judged, levels) if candidate else None
+        # explained by the cap: it let go, and the responses that were not truncated did not shrink
+        if candidate and (truncation is not None and truncation["untruncated_ratio"] >= ratio_limit) != by_cap:
+            strength, candidate = -math.inf, False
+        if judged is lv or strength > max(best[0], 0):  # the ratio reported: the reference's unless the start's holds
+            best = (strength, ratio, candidate or best[2])
+            levels.setdefault("judged", {})[name] = (judged, truncation or {})
+    return best
 
 
 def _length_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
-    strength, ratio, candidate = _fall(th.collapse_ratio, lv, th)
-    if candidate:
-        kept = _untruncated_ratio(state, lv, th, levels)
-        if kept is not None and kept >= th.collapse_ratio:  # the cap let go; the other responses did not shrink
-            return -math.inf, ratio, False
-    return strength, ratio, candidate
+    return _length_fall(lv, th, state, levels, "length_collapse", by_cap=False)
 
 
 def _truncation_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
-    strength, ratio, candidate = _fall(th.collapse_ratio, lv, th)
     if state["detectors"]["length_collapse"]["step"] is not None:  # already called a collapse: not the cap
-        return -math.inf, ratio, False
-    if candidate:
-        kept = _untruncated_ratio(state, lv, th, levels)
-        if kept is None or kept < th.collapse_ratio:
-            return -math.inf, ratio, False
-    return strength, ratio, candidate
+        return -math.inf, _fall(th.collapse_ratio, lv, th)[1], False
+    return _length_fall(lv, th, state, levels, "truncation_drop", by_cap=True)
 
 
 def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
@@ -468,11 +511,14 @@ def _length_back(lv: Level, reference: float, th: Thresholds) -> bool:
 DETECTORS_TABLE = (
     Detector("length_collapse", "length", _length_collapse, "bai/response_length_ratio",
              describe=lambda lv, s, th: f"sequence length collapse: response length level {lv.value:.0f} at "
-             f"{_pct(lv)} of its reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})",
+             f"{_pct(lv)} of its " + (f"start level {lv.reference:.0f} tokens (--bai.start_ratio {th.start_ratio:g})"
+                                      if _against_start(lv) else
+                                      f"reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})"),
              back=_length_back),
     Detector("truncation_drop", "length", _truncation_drop, "bai/response_length_ratio",
              describe=lambda lv, s, th: f"length drop from the truncation cap: response length level "
-             f"{lv.value:.0f} at {_pct(lv)} of its reference {lv.reference:.0f} tokens, but the responses that were "
+             f"{lv.value:.0f} at {_pct(lv)} of its {'start level' if _against_start(lv) else 'reference'} "
+             f"{lv.reference:.0f} tokens, but the responses that were "
              "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning",
              back=_length_back),
     # Recovered only when back at its old level (within one noise unit): the slow climb is the hockey stick's blade.
@@ -597,16 +643,17 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
         # A point a hair past the threshold is as likely noise as a fall: raised at once only raise_units past it.
         if (held and episode is None and found["run"] >= (th.patience if detector.hold else 1)
                 and (strength >= th.raise_units or found["run"] >= th.patience)):
-            episode = {"step": step, "reference": lv.reference, "sustained": None, "recovery_step": None}
+            # the level as judged: a length against its reference or its start, and the truncation told from it
+            judged, truncation = levels.get("judged", {}).get(detector.name, (lv, {}))
+            episode = {"step": step, "reference": judged.reference, "sustained": None, "recovery_step": None}
             episodes.append(episode)
-            truncation = levels.get("truncation", {}) if detector.signal == "length" else {}
-            values = {"level": lv.value, "reference": lv.reference, "strength": strength,
+            values = {"level": judged.value, "reference": judged.reference, "strength": strength,
                       detector.measure.removeprefix("bai/"): measure, **truncation}
             if found["step"] is None:  # the verdict's fields describe the first raise
-                found.update(step=step, strength=strength, reference=lv.reference, **truncation)
+                found.update(step=step, strength=strength, reference=judged.reference, **truncation)
             again = f" (again: the last one ended at step {episodes[-2]['recovery_step']})" if episodes[:-1] else ""
-            _event(state, detector.name, step, f"{detector.describe(lv, strength, th)}; {strength:.1f} noise units "
-                   f"past the threshold{again}", values)
+            _event(state, detector.name, step, f"{detector.describe(judged, strength, th)}; {strength:.1f} noise "
+                   f"units past the threshold{again}", values)
         if held:
             found["max_strength"] = max(found["max_strength"] or strength, strength)
         if (episode is not None and episode["sustained"] is None and found["run"] >= th.patience
