@@ -99,6 +99,18 @@ DISAGREE = {
     ("shibukizero-qwen25-math-15b-grpo-math-no-baseline", "entropy_collapse"): "false alarm",
     ("shibukizero-qwen25-math-15b-grpo-math-batch-token-mean", "entropy_collapse"): "early",
     ("shibukizero-qwen25-math-15b-grpo-math-masked-normalize", "entropy_collapse"): "early",
+    # Held-out batch 14, as first met: a distilled 1.5B model's length (verl, 512 responses a step, 8192-token cap)
+    # falls from ~5900 tokens with half the responses at the cap to ~2500 at steps 228-265 with 3 % at the cap: under
+    # half its start level, but the responses that were not truncated kept 0.67 of theirs, so it is raised as a
+    # truncation drop at 229 (the rule: a dip, as the length climbs back to 4200 at step 300). It falls again from
+    # step 315, first as the cap lets go once more (the untruncated length, estimated with the start's truncated share
+    # of 0.50, keeps about 0.58 of its start level at 348, over start_ratio 0.5, where the rule's, from the first 10
+    # points, is under half), and is raised as a collapse at 387, once that estimate is under half: 69 points after the
+    # rule's onset. Without start_ratio it is not raised at all.
+    ("zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet", "length_collapse"): "late",
+    ("zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet", "truncation_drop"): "false alarm",
+    # ... and its score drifts down from 0.36-0.38: the 20-step level clears 3 noise units 5 points after the onset.
+    ("zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet", "hockey_stick"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
