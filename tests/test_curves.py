@@ -111,6 +111,18 @@ DISAGREE = {
     ("zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet", "truncation_drop"): "false alarm",
     # ... and its score drifts down from 0.36-0.38: the 20-step level clears 3 noise units 5 points after the onset.
     ("zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet", "hockey_stick"): "late",
+    # Held-out batch 15, as first met: sparse samples (20-44-step windows ~400 steps apart) of 1 x 2-completion Tunix
+    # runs, whose length jumps 2-10x from one step to the next. Across a gap the reference is the median of the few
+    # points kept from the window before (at least 2 x patience), so a window that starts long and ends short is a
+    # "collapse" (raised at 1135, 24 % of a 552-token reference; it ends at 1913); in the beta 0.3 run the length does
+    # collapse to 2-30 tokens from ~1686, but the detection is raised in the window before (1420, 94 tokens), and the
+    # rule, whose level comes back above 60 % later, puts the onset where the log ends (3362, borderline).
+    ("wdk-gemma3-1b-grpo-gsm8k-g2-beta008-sampled", "length_collapse"): "false alarm",
+    ("wdk-gemma3-1b-grpo-gsm8k-g2-beta03-sampled", "length_collapse"): "early",
+    # ... and their reward falls (7 -> 1.5, 6 -> the -2.5 floor) span hundreds of steps between windows: no
+    # 100-step reference sees them, and within a window the fall is under the noise of a 2-completion reward.
+    ("wdk-gemma3-1b-grpo-gsm8k-g2-beta008-sampled", "hockey_stick"): "miss",
+    ("wdk-gemma3-1b-grpo-gsm8k-g2-beta03-sampled", "hockey_stick"): "miss",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide

@@ -372,6 +372,24 @@ def test_state_survives_a_json_round_trip_mid_run_like_a_resumed_live_monitor():
     assert verdict(state) == analyze(rows, TH)[0]
 
 
+def test_a_state_saved_before_the_start_level_existed_takes_it_from_the_steps_it_holds():
+    # A monitor state saved by 0.3 before start_ratio (no "start" in its tracks), resumed at step 300 of a slow
+    # decline: its start level is the median of the last 100 steps it still holds, and the decline is judged from there.
+    rng = random.Random(9)
+    rows = rows_of([3000.0 * (1 - s / 1000) * (1 + rng.gauss(0, 0.04)) for s in range(900)], [0.5] * 900)
+    state = new_state()
+    for step, metrics in rows[:300]:
+        observe(state, step, metrics, TH)
+    for track in state["signals"].values():
+        track.pop("start"), track.pop("first", None)
+    for step, metrics in rows[300:]:
+        observe(state, step, metrics, TH)
+    raised = [e for e in state["events"] if e["alarm"]]
+    assert [e["detector"] for e in raised] == ["length_collapse"] and "of its start level" in raised[0]["message"]
+    assert 3000.0 * 0.7 < raised[0]["values"]["reference"] < 3000.0 * 0.8  # the median of steps 200-300, not 2850
+    assert raised[0]["step"] > analyze(rows, TH)[0]["length_collapse"]["step"]
+
+
 def test_a_state_saved_by_0_2_keeps_its_reference_and_what_it_raised():
     old = {"version": 2, "steps": 40,
            "signals": {"length": {"ema": 1000.0, "window": [[s, 1000.0 + s] for s in range(1, 41)], "frozen": None,
