@@ -236,6 +236,7 @@ class Level:
     log: bool
     low: float | None = None  # rewards: the lowest long level (over 2 x patience - 1 points or more) so far
     start: list | None = None  # [median of the first reference_steps steps (signal units), points], once complete
+    from_start: bool = False  # ref is the start level (a slow decline is judged against it), not the reference
 
     # Standard deviations of a median (1.2533 sigma / sqrt n) and of a trimmed mean (about 1.1 sigma / sqrt n).
     @property
@@ -355,11 +356,7 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
 
 def _from_start(lv: Level) -> Level | None:
     """The level against its start level instead of its reference (None until the first reference_steps are in)."""
-    return None if lv.start is None else replace(lv, ref=_to(lv.log, lv.start[0]), n_ref=lv.start[1])
-
-
-def _against_start(lv: Level) -> bool:
-    return lv.start is not None and lv.ref == _to(lv.log, lv.start[0])
+    return None if lv.start is None else replace(lv, ref=_to(lv.log, lv.start[0]), n_ref=lv.start[1], from_start=True)
 
 
 def _with_reference(lv: Level, frozen: list) -> Level:
@@ -397,7 +394,7 @@ def _truncation(state: dict, lv: Level, levels: dict) -> dict | None:
     tl = levels.get("truncated")
     if not cap or tl is None or lv.ref is None:
         return None
-    if _against_start(lv):  # the truncated share at the start
+    if lv.from_start:  # the truncated share at the start
         tl = _from_start(tl) or tl
     before = tl.reference if tl.reference is not None else tl.value
     now, before = min(max(tl.value, 0.0), 0.99), min(max(before, 0.0), 0.99)
@@ -511,13 +508,13 @@ def _length_back(lv: Level, reference: float, th: Thresholds) -> bool:
 DETECTORS_TABLE = (
     Detector("length_collapse", "length", _length_collapse, "bai/response_length_ratio",
              describe=lambda lv, s, th: f"sequence length collapse: response length level {lv.value:.0f} at "
-             f"{_pct(lv)} of its " + (f"start level {lv.reference:.0f} tokens (--bai.start_ratio {th.start_ratio:g})"
-                                      if _against_start(lv) else
-                                      f"reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})"),
+             f"{_pct(lv)} of its " + (
+                 f"start level {lv.reference:.0f} tokens (--bai.start_ratio {th.start_ratio:g})" if lv.from_start
+                 else f"reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})"),
              back=_length_back),
     Detector("truncation_drop", "length", _truncation_drop, "bai/response_length_ratio",
              describe=lambda lv, s, th: f"length drop from the truncation cap: response length level "
-             f"{lv.value:.0f} at {_pct(lv)} of its {'start level' if _against_start(lv) else 'reference'} "
+             f"{lv.value:.0f} at {_pct(lv)} of its {'start level' if lv.from_start else 'reference'} "
              f"{lv.reference:.0f} tokens, but the responses that were "
              "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning",
              back=_length_back),
