@@ -83,13 +83,12 @@ DISAGREE = {
     # model's noisy length (52-502 tokens a step) sits at 0.32 of its start over steps 34-43 and comes back by 71 (the
     # detection ends there; by the rule a dip).
     ("coicozoi-minimind-grpo-chat-123", "length_collapse"): "false alarm",
-    # Held-out batch 13, as first met: Qwen2.5-Math-1.5B (a base model) learning the R1-Zero format, 256 samples a
-    # step. Its length falls from 305 tokens at step 1 to a third or less within 3-10 steps; the rule's start (the
-    # median of the first 10 points) holds the fall, so only a length that falls again later could be a collapse.
-    # Live, the fall is raised at steps 11-14; in two runs it grows back to 400+ tokens (the detection ends), in the
-    # third it stays at 14-60 tokens (a collapse to the eye; the rule's start window hides it: borderline).
-    ("shibukizero-qwen25-math-15b-grpo-math-lr4e-5-400", "length_collapse"): "false alarm",
-    ("shibukizero-qwen25-math-15b-grpo-math-masked-normalize", "length_collapse"): "false alarm",
+    # Held-out batch 13: Qwen2.5-Math-1.5B (a base model) learning the R1-Zero format, 256 samples a step. Its length
+    # falls from 305 tokens at step 1 to a third or less within 3-10 steps; the rule's start (the median of the first
+    # 10 points) holds the fall. As first met, the fall was raised at steps 11-14 in three runs (false alarms); since
+    # warmup_steps (after batch 16 brought two more such runs) the length is judged only from step 11, and two of them
+    # are quiet. In the third the length stays at 14-60 tokens (a collapse to the eye; the rule's start window hides
+    # it: borderline), raised at step 16 (12 as first met).
     ("shibukizero-qwen25-math-15b-grpo-math-no-baseline", "length_collapse"): "false alarm",
     # ... and their entropy: measured from its highest level (0.29 at step 29, after the first step's 0.92), not from
     # the start (the median of the first 10 points, 0.22), a healthy run's entropy of 0.05 at steps 173-185 is under
@@ -123,6 +122,40 @@ DISAGREE = {
     # 100-step reference sees them, and within a window the fall is under the noise of a 2-completion reward.
     ("wdk-gemma3-1b-grpo-gsm8k-g2-beta008-sampled", "hockey_stick"): "miss",
     ("wdk-gemma3-1b-grpo-gsm8k-g2-beta03-sampled", "hockey_stick"): "miss",
+    # Held-out batch 16, as first met: a from-scratch GRPO loop with 1 prompt x 8 rollouts a step (Qwen3-0.6B, MATH),
+    # whose entropy swings between 0.01 and 8 nats and whose reward is 0-1 in steps of 1/8.
+    # - Entropy that falls to ~0.06-0.08 early and stays under 0.1 for a long stretch, then comes back (the detections
+    #   end at 457 and 200); by the rule no collapse, as it comes back above 30 % of its start.
+    ("rasbt-qwen3-06b-grpo-math-clip-ratio", "entropy_collapse"): "false alarm",
+    ("rasbt-qwen3-06b-grpo-math-no-kl-cap1024", "entropy_collapse"): "false alarm",
+    # - A 4-step dip of the length to 30 % of its reference (raised at 375, ended at 379).
+    ("rasbt-qwen3-06b-grpo-math-no-kl-cap1024", "length_collapse"): "false alarm",
+    # - Reward falls whose 20-step level clears 3 noise units of a 1-in-8 reward 7-18 points after the onset; in the
+    #   2048-token run and the format-reward run the rule's fall is a dip in the noise (borderline, or recovered) and
+    #   ours is raised on a later, larger fall (at 234 and 451); the first format-reward version's fall is never
+    #   3 noise units deep.
+    ("rasbt-qwen3-06b-grpo-math-kl", "hockey_stick"): "late",
+    ("rasbt-qwen3-06b-grpo-math-no-kl-cap1024", "hockey_stick"): "late",
+    ("rasbt-qwen3-06b-grpo-math-no-kl-cap2048-258", "hockey_stick"): "late",
+    ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward", "hockey_stick"): "late",
+    ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward-conditional", "hockey_stick"): "late",
+    ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward-first", "hockey_stick"): "miss",
+    # - Borderline late collapses by the rule, raised earlier on falls that came back (each detection ends; the
+    #   entropy and the first version's length are raised again at 492 and 464, where the rule puts them): the entropy
+    #   at 257 (0.08 nats for two points), the lengths against their start level (at the cap) at 375 and 242.
+    ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward", "entropy_collapse"): "early",
+    ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward-conditional", "length_collapse"): "early",
+    ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward-first", "length_collapse"): "early",
+    # Held-out batch 16, as first met: a GRPO-Zero Countdown sweep (8 x 8 samples). At tau 1.0 the reward crashes to
+    # exactly 0.01 for steps 9-32 and comes back, and the length dips to 0.11 of its first value and comes back: both
+    # raised (at 19 and 11), both inside the rule's first 20- and 10-point windows, so the rule calls the run healthy
+    # (the eye sees the reward crash: borderline). Since warmup_steps the length is raised at 12. (The tau 0.5 run's
+    # early length dip, raised at 15 as first met, is quiet since warmup_steps.)
+    ("katop-qwen25-3b-grpo-countdown-softmax-tau1", "length_collapse"): "false alarm",
+    ("katop-qwen25-3b-grpo-countdown-softmax-tau1", "hockey_stick"): "false alarm",
+    # A tool-calling LoRA after SFT whose entropy starts at 0.036 nats and swings 0.0005-0.15 (1 prompt x 8 a step):
+    # measured from its highest level (a spike), its 0.001-0.002 stretches at 1233 and 2257 are raised; they end.
+    ("wallace-qwen25-7b-grpo-finqa-toolcall-2400", "entropy_collapse"): "false alarm",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide

@@ -73,6 +73,18 @@ def test_a_slow_decline_is_a_collapse_only_once_under_half_its_start():
     assert analyze(rows_of([v * (1 + rng.gauss(0, 0.04)) for v in fast], [0.5] * 100))[0]["length_collapse"]["detected"]
 
 
+def test_a_base_model_learning_the_format_in_its_first_steps_is_no_collapse_and_a_later_fall_is():
+    # R1-Zero-style start: 305 tokens at step 1, a third of that by step 5, then growing back (the length is judged
+    # only from warmup_steps after its first log point); the same fall after the warm-up is a collapse.
+    rng = random.Random(4)
+    early = [305.0, 190.0, 110.0, 60.0, 45.0, 50.0, 48.0, 55.0, 60.0, 70.0] + [80.0 + 8 * i for i in range(40)]
+    rows = rows_of([v * (1 + rng.gauss(0, 0.05)) for v in early], [0.3] * 50)
+    assert not analyze(rows)[0]["length_collapse"]["detected"]
+    assert analyze(rows, replace(TH, warmup_steps=0))[0]["length_collapse"]["detected"]  # what 0.3 raised
+    late = [300.0] * 30 + [100.0] * 20
+    assert analyze(rows_of([v * (1 + rng.gauss(0, 0.05)) for v in late], [0.3] * 50))[0]["length_collapse"]["step"] <= 35
+
+
 def test_run_resumed_at_step_500_logging_every_10_steps_works_like_one_from_the_start():
     rng = random.Random(1)
     lengths = [(1000.0 if i < 10 else 300.0) * (1 + rng.gauss(0, 0.03)) for i in range(20)]
@@ -96,7 +108,7 @@ def test_nan_and_missing_steps_are_skipped_not_counted_as_values():
     nan = float("nan")
     lengths = [800.0, nan, 810.0, None, 790.0, 800.0, 805.0, nan, 795.0]
     rewards = [0.5, 0.51, float("inf"), 0.49, 0.5, nan, 0.52, 0.5, 0.48]
-    result, per_step = analyze(rows_of(lengths, rewards))
+    result, per_step = analyze(rows_of(lengths, rewards), replace(TH, warmup_steps=0))
     assert "bai/response_length_ratio" not in per_step[1] and "bai/response_length_ratio" in per_step[8]
     assert result["baseline_length"] == pytest.approx(800.0, rel=0.02)
     assert not any(result[name]["detected"] for name in DETECTORS)

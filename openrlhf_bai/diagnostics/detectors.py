@@ -39,7 +39,8 @@ the end of the log (a collapse, by the corpus rule, never comes back).
   points of a 2-completion run that merely touches the ratio is noise), and the long level `noise_units` below the
   reference; or the same fall below `start_ratio` x the **start level** (the median of the values of the run's first
   `reference_steps` steps, kept for good): a slow decline, which the trailing reference follows down; unless the
-  truncated share explains it (then truncation_drop).
+  truncated share explains it (then truncation_drop). The length is judged only from `warmup_steps` after its first
+  log point: a base model learning the output format moves it 2-6x in its first steps.
 - truncation_drop: the same fall, explained by the truncation cap: the mean length of the responses that were NOT
   truncated, estimated from the cap C, the truncated share r and the mean m as (m - r C) / (1 - r), stayed at or
   above `collapse_ratio` x its own reference. The cap is the run's (--rollout.max_new_tokens; diagnose
@@ -103,6 +104,7 @@ class Thresholds:
     ratio_units: float = 2.0  # the short level must be past its ratio by this many of its own noise units
     collapse_ratio: float = 0.6  # length level / reference below this is a length collapse
     start_ratio: float = 0.5  # length level / its start level below this is a length collapse too (a slow one)
+    warmup_steps: int = 10  # the length is judged only from this many steps after its first log point
     reward_drop: float = 0.5  # the reward level losing this share of what it gained over its lowest level: a drop
     entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
     entropy_nats: float = 0.1  # nats: ... and the entropy level below this
@@ -121,6 +123,7 @@ LIMITS = {
     "ratio_units": (">= 0", lambda v: v >= 0),
     "collapse_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
     "start_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
+    "warmup_steps": ("an integer >= 0", lambda v: v == int(v) and v >= 0),
     "reward_drop": ("in (0, 1]", lambda v: 0 < v <= 1),
     "entropy_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
     "entropy_nats": ("> 0", lambda v: v > 0),
@@ -140,6 +143,8 @@ HELP = {
     "collapse_ratio": "response length level / reference below this is a length collapse",
     "start_ratio": "response length level / its start level (the median over the run's first reference_steps "
                    "steps) below this is a length collapse too: a slow decline that the trailing reference follows",
+    "warmup_steps": "steps after the first logged length before the length is judged: a base model learning the "
+                    "output format moves its length 2-6x in its first steps (0: judged from the first steps)",
     "reward_drop": "the reward level losing this share of what it had gained over its lowest level (the reference "
                    "less that level; at least one step's noise) is a reward drop (a hockey stick's)",
     "entropy_ratio": "entropy level / its highest level since the start below this is an entropy collapse",
@@ -273,8 +278,10 @@ def _new_track() -> dict:
     # (log) values, repeats left out; repeats: repeated values; peak: highest short level so far (judged units);
     # frozen: {detector: reference in the signal's units} while its condition holds.
     # low: the lowest long level of a reward, which a fall's size is measured from.
-    # start: [median of the values of the first reference_steps steps, points], kept for good once those are complete.
-    return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}, "low": None, "start": None}
+    # start: [median of the values of the first reference_steps steps, points], kept for good once those are complete;
+    # first: the step of the first value.
+    return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}, "low": None, "start": None,
+            "first": None}
 
 
 def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> None:
@@ -285,6 +292,8 @@ def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> No
             track["diffs"] = (track["diffs"] + [abs(_to(log, value) - _to(log, last))])[-NOISE_DIFFS:]
         else:
             track["repeats"] += 1
+    if track.get("first") is None and not points:
+        track["first"] = step
     if track.get("start") is None and points and points[0][0] <= step - th.reference_steps:
         track["start"] = [_median([v for _, v in points]), len(points)]  # the first reference_steps steps are in
     points.append([step, value])
@@ -414,6 +423,12 @@ def _length_fall(lv: Level, th: Thresholds, state: dict, levels: dict, name: str
     level judged against (its reference) and the truncation it was told from are left in levels["judged"][name]
     for the raise's message."""
     best = (-math.inf, math.nan, False)
+    track = state["signals"]["length"]
+    # A base model's first steps are not its level: learning the output format (R1-Zero-style runs) moves the length
+    # 2-6x within ~10 steps and it grows back, while the corpus rule's start is the median of the first 10 points.
+    first = track.get("first")  # None in a state saved before warmup_steps: long warmed up
+    if first is not None and track["points"][-1][0] - first < th.warmup_steps:
+        return best
     for ratio_limit, judged in ((th.collapse_ratio, lv), (th.start_ratio, _from_start(lv))):
         if judged is None:
             continue
