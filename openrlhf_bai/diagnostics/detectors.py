@@ -517,6 +517,7 @@ def _halfway_back(lv: Level, threshold: float, reference: float) -> bool:
 
 
 def _length_back(lv: Level, reference: float, th: Thresholds) -> bool:
+    # collapse_ratio also for a raise against the start level: a slow collapse must come back as far to have ended
     return _halfway_back(lv, th.collapse_ratio * reference, reference)
 
 
