@@ -35,8 +35,6 @@ DISAGREE = {
     # Held-out runs with events (added 2026-11-28, labelled before any detector ran), as the detectors first met them.
     # Their length falls to 3-18 tokens for 90 steps and comes back: by the rule a dip, not a collapse.
     ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho050-s43", "length_collapse"): "false alarm",
-    # An entropy decline whose log noise is large: 2 noise units past the ratio only 9 log points after the onset.
-    ("sunshine535-qwen25-7b-rho-grpo-gsm8k-rho150-s44", "entropy_collapse"): "late",
     # Held-out batch 3: on-policy distillation in verl, whose reference model is the 32B teacher, logs the KL to the
     # teacher as actor/reward_kl_penalty (the name verl PPO gives the KL to the reference in the reward). The detectors
     # read it as KL and raise its rise to 2 nats; the label, decided before any detector ran, does not count a KL to a
@@ -64,10 +62,6 @@ DISAGREE = {
     # explodes to 6.75 as the policy blows up; the rule calls no collapse, as the entropy is high at the end (the
     # detection ends at step 53: the verdict's unrecovered_step is None).
     ("dumbkin31-qwen3-17b-mixedcuts-grpo-math-h200", "entropy_collapse"): "false alarm",
-    # Held-out batch 10, as first met: entropy at 0.002-0.1 from step 30, jumping by up to 20x from one log point to
-    # the next; its 5-point median is at 0.11 of its peak from step 55 but 2 noise units past 0.2 (ratio_units) only
-    # at step 85, 7 points after the onset (like the rho150 run above).
-    ("viraj-qwen25-3b-drgrpo-sciknoweval-refusal", "entropy_collapse"): "late",
     # Held-out batch 11: a 1 x 8-completion length falling slowly from its 200-token cap to ~60 over 200 steps. As
     # first met, a miss: no 100 steps see it fall to 0.6 of their median. Since start_ratio (a fall to half the start
     # level, judged after batch 12, like houkawa2-* of batch 8, now a hit) it is raised at 171: the 5-point median is
@@ -405,6 +399,17 @@ def test_diagnose_on_published_verl_runs_compares_them_in_one_plot(tmp_path, cap
     assert [v["entropy_collapse"]["detected"] for v in verdicts] == [False, True]
     assert not any(v["length_collapse"]["detected"] or v["kl_blowup"]["detected"] for v in verdicts)
     assert (tmp_path / "verl.png").stat().st_size > 20_000
+
+
+def test_a_noisy_entropy_collapse_is_raised_in_time_as_its_floor_is_a_second_test(tmp_path):
+    # Held-out batch 10: a TRL run logged every 5 steps whose entropy jumps up to 20x between log points at 0.002-0.1
+    # nats from step 30 (labelled onset 50). Past 20 % of its highest level by one noise unit (entropy_ratio_units)
+    # and below 0.1 nats, it is raised 3 log points after the onset; asking the length's 2 noise units of the ratio
+    # (as before 0.3's entropy_ratio_units) raises it at 85, 7 log points late.
+    log = str(DATA / "curves" / "viraj-qwen25-3b-drgrpo-sciknoweval-refusal" / "curve.csv")
+    for units, step in (([], 65), (["--entropy-ratio-units", "2"], 85)):
+        assert cli(["diagnose", log, *units, "--json", str(tmp_path / "v.json")]) == 0
+        assert json.loads((tmp_path / "v.json").read_text())["entropy_collapse"]["step"] == step
 
 
 def test_a_noisy_dip_that_only_touches_the_ratio_is_not_a_collapse_unless_ratio_units_is_0(tmp_path, capsys):

@@ -51,8 +51,8 @@ the end of the log (a collapse, by the corpus rule, never comes back).
   below it (a reward that falls by half and stays down is raised: the drop of a hockey stick that has not
   recovered); recovered once the short level is back within one noise unit of the reference at `patience`
   points in a row, recovery_steps after the drop.
-- entropy_collapse: entropy below `entropy_ratio` x its highest level (by `ratio_units`) and below `entropy_nats`,
-  the long level `noise_units` below its highest level.
+- entropy_collapse: entropy below `entropy_ratio` x its highest level (by `entropy_ratio_units`) and below
+  `entropy_nats`, the long level `noise_units` below its highest level.
 - kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
   raised), and, while the run's reference is below that limit, above `kl_factor` x the reference (its own
   trajectory), held at `patience` points in a row (KL estimates spike on single steps).
@@ -108,6 +108,7 @@ class Thresholds:
     reward_drop: float = 0.5  # the reward level losing this share of what it gained over its lowest level: a drop
     entropy_ratio: float = 0.2  # entropy level / its highest level since the start below this is a collapse
     entropy_nats: float = 0.1  # nats: ... and the entropy level below this
+    entropy_ratio_units: float = 1.0  # ... and past entropy_ratio by this many noise units (ratio_units: the length's)
     kl_limit_nats: float = 1.0  # nats: a KL level above this (and above kl_factor x its reference) is a blow-up
     kl_factor: float = 1.25  # ... and KL level / its reference above this, while the reference is below the limit
     raise_units: float = 0.5  # noise units past the threshold at its first point to raise; else patience points
@@ -127,6 +128,7 @@ LIMITS = {
     "reward_drop": ("in (0, 1]", lambda v: 0 < v <= 1),
     "entropy_ratio": ("in (0, 1)", lambda v: 0 < v < 1),
     "entropy_nats": ("> 0", lambda v: v > 0),
+    "entropy_ratio_units": (">= 0", lambda v: v >= 0),
     "kl_limit_nats": ("> 0", lambda v: v > 0),
     "kl_factor": ("> 1", lambda v: v > 1),
     "raise_units": (">= 0", lambda v: v >= 0),
@@ -137,9 +139,11 @@ HELP = {
     "reference_steps": "steps over which each signal's reference (the median of its values) is taken",
     "level_steps": "steps over which the level the noise test judges (a trimmed mean) is taken",
     "noise_units": "noise units of the level every fall must also exceed",
-    "ratio_units": "noise units of the short level by which a length or entropy level must be past its ratio "
-                   "(collapse_ratio, entropy_ratio): a level that merely touches the ratio within its own noise "
+    "ratio_units": "noise units of the short level by which a length level must be past its ratio "
+                   "(collapse_ratio, start_ratio): a level that merely touches the ratio within its own noise "
                    "is not a collapse",
+    "entropy_ratio_units": "noise units of the short level by which an entropy level must be past entropy_ratio "
+                           "(fewer than the length's ratio_units: the entropy must also be below entropy_nats)",
     "collapse_ratio": "response length level / reference below this is a length collapse",
     "start_ratio": "response length level / its start level (the median over the run's first reference_steps "
                    "steps) below this is a length collapse too: a slow decline that the trailing reference follows",
@@ -383,14 +387,14 @@ def _with_reference(lv: Level, frozen: list) -> Level:
 # `levels` holds this step's Level of each signal (and what the length judges found about truncation).
 
 
-def _fall(ratio_limit: float, lv: Level, th: Thresholds) -> tuple[float, float, bool]:
+def _fall(ratio_limit: float, ratio_units: float, lv: Level, th: Thresholds) -> tuple[float, float, bool]:
     """A positive signal (judged on logs) falling below ratio_limit x its reference: the short level past the ratio
     by ratio_units of its own noise (a 5-point median of a 2-completion run that touches the ratio is noise, not a
     fall), and the long level noise_units below the reference. The reference freezes on the ratio alone."""
     if lv.ref is None:
         return -math.inf, math.nan, False
     log_limit = math.log(ratio_limit)
-    strength = min((log_limit - (lv.short - lv.ref)) / lv.noise_short - th.ratio_units,
+    strength = min((log_limit - (lv.short - lv.ref)) / lv.noise_short - ratio_units,
                    (lv.ref - lv.long) / lv.noise_long - th.noise_units)
     return strength, math.exp(lv.short - lv.ref), lv.short - lv.ref < log_limit
 
@@ -432,7 +436,7 @@ def _length_fall(lv: Level, th: Thresholds, state: dict, levels: dict, name: str
     for ratio_limit, judged in ((th.collapse_ratio, lv), (th.start_ratio, _from_start(lv))):
         if judged is None:
             continue
-        strength, ratio, candidate = _fall(ratio_limit, judged, th)
+        strength, ratio, candidate = _fall(ratio_limit, th.ratio_units, judged, th)
         truncation = _truncation(state, judged, levels) if candidate else None
         # explained by the cap: it let go, and the responses that were not truncated did not shrink
         if candidate and (truncation is not None and truncation["untruncated_ratio"] >= ratio_limit) != by_cap:
@@ -449,7 +453,7 @@ def _length_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tu
 
 def _truncation_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
     if state["detectors"]["length_collapse"]["step"] is not None:  # already called a collapse: not the cap
-        return -math.inf, _fall(th.collapse_ratio, lv, th)[1], False
+        return -math.inf, _fall(th.collapse_ratio, th.ratio_units, lv, th)[1], False
     return _length_fall(lv, th, state, levels, "truncation_drop", by_cap=True)
 
 
@@ -467,8 +471,9 @@ def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[
 
 
 def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
-    """Below entropy_ratio x the highest level, and below entropy_nats: near-deterministic, not merely lower."""
-    strength, ratio, candidate = _fall(th.entropy_ratio, lv, th)
+    """Below entropy_ratio x the highest level, and below entropy_nats: near-deterministic, not merely lower. The
+    absolute floor is a second test the length has no counterpart of, so the ratio needs entropy_ratio_units only."""
+    strength, ratio, candidate = _fall(th.entropy_ratio, th.entropy_ratio_units, lv, th)
     below = (math.log(th.entropy_nats) - lv.short) / lv.level_noise
     return min(strength, below), ratio, candidate and below > 0
 
