@@ -5,7 +5,9 @@ lines and trainer_state.json that transformers' Trainer (which TRL's GRPO/PPO tr
 import csv
 import io
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 from contextlib import redirect_stdout
@@ -16,7 +18,7 @@ import pytest
 
 from openrlhf_bai.cli.main import main as cli
 from openrlhf_bai.diagnostics.corpus import detections as raised
-from openrlhf_bai.diagnostics.corpus import real_curves, score, synthetic_curves
+from openrlhf_bai.diagnostics.corpus import oracle_units, real_curves, score, synthetic_curves
 from openrlhf_bai.diagnostics.detectors import Thresholds, analyze
 from openrlhf_bai.diagnostics.readers import read_rows
 
@@ -399,6 +401,24 @@ def test_diagnose_on_published_verl_runs_compares_them_in_one_plot(tmp_path, cap
     assert [v["entropy_collapse"]["detected"] for v in verdicts] == [False, True]
     assert not any(v["length_collapse"]["detected"] or v["kl_blowup"]["detected"] for v in verdicts)
     assert (tmp_path / "verl.png").stat().st_size > 20_000
+
+
+def test_an_event_is_noise_limited_when_even_an_oracle_sees_under_3_noise_units_by_the_deadline():
+    # The same halving of the length at step 40, logged by a run of 1,024 samples a step (5 % log noise) and by one
+    # of 1 prompt x 2 completions (80 %): the first is plain by the 4th log point after the onset, the second is not.
+    def halving(noise):
+        draw = random.Random(0)
+        values = [(1000 if step < 40 else 500) * math.exp(draw.gauss(0, noise)) for step in range(1, 80)]
+        label = {"length_collapse": {"present": True, "onset": 40}}
+        return {"rows": [(step, {"response_length": v}) for step, v in zip(range(1, 80), values)], "label": label}
+    assert oracle_units(halving(0.05), "length_collapse", 3) > 10
+    assert oracle_units(halving(0.8), "length_collapse", 3) < 3
+    # Real runs: a 1 x 8-rollout reward that slides (ours raises it 107 log points late: DISAGREE) against a
+    # 512-response length collapse (raised 69 points late: the cap let go first, a question of what it is).
+    by_name = {curve["name"]: curve for curve in REAL}
+    assert oracle_units(by_name["rasbt-qwen3-06b-grpo-math-no-kl-cap2048-258"], "hockey_stick", 3) < 3
+    assert oracle_units(by_name["zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet"], "length_collapse", 3) > 3
+    assert oracle_units(by_name["zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet"], "kl_blowup", 3) is None
 
 
 def test_a_noisy_entropy_collapse_is_raised_in_time_as_its_floor_is_a_second_test(tmp_path):

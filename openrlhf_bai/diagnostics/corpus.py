@@ -23,14 +23,17 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 from pathlib import Path
 
-from openrlhf_bai.diagnostics.detectors import DETECTORS, name_signals
+from openrlhf_bai.diagnostics.detectors import DETECTORS, SIGNAL_KEYS, first_value, name_signals
 from openrlhf_bai.diagnostics.readers import read_rows
 
 LENGTH, REWARD, ENTROPY, KL, TRUNCATED = (
     "rollout/response_length_mean", "rollout/reward_mean", "entropy_loss", "kl", "rollout/truncated_rate")
 EVENTS = DETECTORS  # what a label can hold
+SIGNAL_OF = {"length_collapse": "length", "truncation_drop": "length", "hockey_stick": "reward",
+             "entropy_collapse": "entropy", "kl_blowup": "kl"}
 CAP_KEYS = ("max_response_length", "generate_max_len", "max_new_tokens")  # provenance.json: the run's length limit
 
 
@@ -237,3 +240,37 @@ def detections(verdict: dict) -> dict:
             "hockey_stick": verdict["hockey_stick"]["drop_step"],
             "entropy_collapse": verdict["entropy_collapse"]["step"],
             "kl_blowup": verdict["kl_blowup"]["step"]}
+
+
+def oracle_units(curve: dict, event: str, patience: int, before: int = 20) -> float | None:
+    """How far the labelled event's signal has fallen, in noise units, by the last log point a hit may be raised at
+    (the onset + patience + 1 log points), for an oracle that knows a change happened there and splits the points
+    where that fall is largest: the mean of up to `before` points before the split against the mean of the points
+    from it to that deadline (at least `patience` of them), over the standard error of that difference, with the
+    step-to-step standard deviation from the median absolute difference of the points up to the deadline (a spike
+    or the fall itself does not widen it). Lengths and entropy on logs, as the detectors judge them. An event under
+    the detectors' noise_units here cannot be raised in time by any test that holds a false-alarm rate; the bar's
+    "every event within patience + 1 log points" is judged on the others. None: no such event, a KL blow-up (an
+    absolute level, not a fall), or too few points."""
+    label = curve["label"][event]
+    if not label["present"] or label["onset"] is None or event == "kl_blowup":
+        return None
+    signal = SIGNAL_OF[event]
+    points = [(step, first_value(metrics, SIGNAL_KEYS[signal])) for step, metrics in curve["rows"]]
+    log = signal != "reward"
+    values = [math.log(max(v, 1e-9)) if log else v for _, v in points if v is not None]
+    steps = [step for step, v in points if v is not None]
+    onset = next((i for i, step in enumerate(steps) if step >= label["onset"]), None)
+    if onset is None or onset == 0:
+        return None
+    deadline = min(len(values) - 1, onset + patience + 1)
+    diffs = [abs(b - a) for a, b in zip(values[:deadline], values[1:deadline + 1]) if b != a]
+    if len(diffs) < 3:
+        return None
+    sigma = max(1.4826 * statistics.median(diffs) / math.sqrt(2), 1e-12)
+    best = -math.inf
+    for split in range(max(1, onset - before), deadline - patience + 2):
+        left, right = values[max(0, split - before):split], values[split:deadline + 1]
+        error = sigma * math.sqrt(1 / len(left) + 1 / len(right))
+        best = max(best, (statistics.fmean(left) - statistics.fmean(right)) / error)
+    return best if math.isfinite(best) else None
