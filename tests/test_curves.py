@@ -99,9 +99,10 @@ DISAGREE = {
     # half its start level, but the responses that were not truncated kept 0.67 of theirs, so it is raised as a
     # truncation drop at 229 (the rule: a dip, as the length climbs back to 4200 at step 300). It falls again from
     # step 315, first as the cap lets go once more (the untruncated length, estimated with the start's truncated share
-    # of 0.50, keeps about 0.58 of its start level at 348, over start_ratio 0.5, where the rule's, from the first 10
-    # points, is under half), and is raised as a collapse at 387, once that estimate is under half: 69 points after the
-    # rule's onset. Without start_ratio it is not raised at all.
+    # of 0.50, keeps 0.6-0.7 of its start level until 348), and is raised as a collapse at 348, once that estimate is
+    # under collapse_ratio (the rule's bound too): 30 points after the rule's onset (69 before the 0.3 fix that tests
+    # the truncation of a fall from the start level against collapse_ratio, not start_ratio). Without start_ratio it
+    # is not raised at all.
     ("zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet", "length_collapse"): "late",
     ("zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet", "truncation_drop"): "false alarm",
     # ... and its score drifts down from 0.36-0.38: the 20-step level clears 3 noise units 5 points after the onset.

@@ -360,6 +360,21 @@ def test_a_collapse_below_the_cap_with_a_falling_truncated_share_is_a_collapse()
     assert not result["truncation_drop"]["detected"]
 
 
+def test_a_slow_fall_from_the_start_level_is_told_from_the_cap_by_collapse_ratio_too():
+    # A distilled model's slow fall (verl, 8192 cap): half its responses at the cap for 100 steps, then over 300 steps
+    # the cap lets go and the responses that were not truncated shrink to `kept` of theirs. No 100 steps see the
+    # level fall to 0.6; it ends under half its start level, first as the cap lets go (a truncation drop either way).
+    # Kept 0.7: the cap explains it all; kept 0.55 (under collapse_ratio, the corpus rule's bound too, though over
+    # start_ratio): the responses themselves collapse, raised once their estimated length is under 0.6 of theirs.
+    for kept, collapsed in ((0.7, False), (0.55, True)):
+        shares = [0.5] * 100 + [0.5 * (1 - s / 300) for s in range(300)] + [0.0] * 50
+        lengths = [3000.0] * 100 + [3000.0 * (1 - (1 - kept) * s / 300) for s in range(300)] + [3000.0 * kept] * 50
+        result, _ = analyze(capped_rows(shares, lengths, 8192), cap=8192)
+        assert result["truncation_drop"]["detected"]
+        assert result["length_collapse"]["detected"] == collapsed
+    assert 0.55 < result["length_collapse"]["untruncated_ratio"] < 0.6
+
+
 def test_older_metric_names_give_the_same_verdict():
     rng = random.Random(6)
     lengths = [(900.0 if i < 15 else 200.0) * (1 + rng.gauss(0, 0.03)) for i in range(30)]

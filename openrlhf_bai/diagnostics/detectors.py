@@ -438,8 +438,9 @@ def _length_fall(lv: Level, th: Thresholds, state: dict, levels: dict, name: str
             continue
         strength, ratio, candidate = _fall(ratio_limit, th.ratio_units, judged, th)
         truncation = _truncation(state, judged, levels) if candidate else None
-        # explained by the cap: it let go, and the responses that were not truncated did not shrink
-        if candidate and (truncation is not None and truncation["untruncated_ratio"] >= ratio_limit) != by_cap:
+        # explained by the cap: it let go, and the responses that were not truncated kept collapse_ratio of their length
+        # (for a fall from the start level too: start_ratio measures how far the level fell, not what explains it)
+        if candidate and (truncation is not None and truncation["untruncated_ratio"] >= th.collapse_ratio) != by_cap:
             strength, candidate = -math.inf, False
         if judged is lv or strength > max(best[0], 0):  # the ratio reported: the reference's unless the start's holds
             best = (strength, ratio, candidate or best[2])
