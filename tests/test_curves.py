@@ -54,9 +54,6 @@ DISAGREE = {
     # Entropy jumping between 0.05 and 0.56 has a 5-point median just under 0.1 at step 54, then rebounds to 2.7-3.2
     # before it collapses for good at step 68 (raised at 1.6 noise units; sustained, where save/stop act, at step 71).
     ("alexchilton-qwen25-grpo-wordle-cap16-300-entropy-collapse", "entropy_collapse"): "early",
-    # Held-out batch 6, as first met: a noisy reward (0.2-0.9) at exactly 0 from step 30, after a KL explosion; the
-    # 20-step level (the noise test) clears 3 noise units only as the zeros fill its window: raised at 42, onset 35.
-    ("alexchilton-qwen25-grpo-wordle-cap16-lr5e-3-kl-inf-50", "hockey_stick"): "late",
     # Held-out batch 7, as first met: the reward steps down at step 21 (the script switches its reward weights); raised
     # at 45, while the rule, whose 20-point window still holds the four high points before it, dates the fall at 120.
     ("alethia-qwen25-15b-lfgrpo-gsm8k-resumed-300", "hockey_stick"): "early",
@@ -127,16 +124,15 @@ DISAGREE = {
     ("rasbt-qwen3-06b-grpo-math-no-kl-cap1024", "entropy_collapse"): "false alarm",
     # - A 4-step dip of the length to 30 % of its reference (raised at 375, ended at 379).
     ("rasbt-qwen3-06b-grpo-math-no-kl-cap1024", "length_collapse"): "false alarm",
-    # - Reward falls whose 20-step level clears 3 noise units of a 1-in-8 reward 7-18 points after the onset; in the
+    # - Reward falls whose 20-step level clears 3 noise units of a 1-in-8 reward 11-18 points after the onset; in the
     #   2048-token run and the format-reward run the rule's fall is a dip in the noise (borderline, or recovered) and
-    #   ours is raised on a later, larger fall (at 234 and 451); the first format-reward version's fall is never
-    #   3 noise units deep.
-    ("rasbt-qwen3-06b-grpo-math-kl", "hockey_stick"): "late",
+    #   ours is raised on a later, larger fall (at 234 and 451). (The KL run's reward, at exactly 0 from step 59, and
+    #   the first format-reward version's, at 0 from 119, missed as first met, are raised since a reward stuck at one
+    #   value is judged by how unlikely its run is.)
     ("rasbt-qwen3-06b-grpo-math-no-kl-cap1024", "hockey_stick"): "late",
     ("rasbt-qwen3-06b-grpo-math-no-kl-cap2048-258", "hockey_stick"): "late",
     ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward", "hockey_stick"): "late",
     ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward-conditional", "hockey_stick"): "late",
-    ("rasbt-qwen3-06b-reasoning-grpo-math-format-reward-first", "hockey_stick"): "miss",
     # - Borderline late collapses by the rule, raised earlier on falls that came back (each detection ends; the
     #   entropy and the first version's length are raised again at 492 and 464, where the rule puts them): the entropy
     #   at 257 (0.08 nats for two points), the lengths against their start level (at the cap) at 375 and 242.

@@ -49,7 +49,8 @@ the end of the log (a collapse, by the corpus rule, never comes back).
 - hockey_stick: the reward's short level fallen by `reward_drop` x what it gained over its lowest long level (the
   reference less that level; at least one step's noise), and the long level `noise_units`
   below it (a reward that falls by half and stays down is raised: the drop of a hockey stick that has not
-  recovered); recovered once the short level is back within one noise unit of the reference at `patience`
+  recovered), or the reward stuck at one value below the reference for a run of points as unlikely by chance as
+  `noise_units` (its share of the points before the run, to the run's length); recovered once the short level is back within one noise unit of the reference at `patience`
   points in a row, recovery_steps after the drop.
 - entropy_collapse: entropy below `entropy_ratio` x its highest level (by `entropy_ratio_units`) and below
   `entropy_nats`, the long level `noise_units` below its highest level.
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from statistics import NormalDist
 from typing import Any, Callable, Iterable, Mapping
 
 from openrlhf_bai.errors import BAIError
@@ -467,6 +469,15 @@ def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[
     gain = abs(lv.ref) if lv.low is None else max(lv.ref - lv.low, 0.0)
     size = max(th.reward_drop * gain, lv.sigma)
     drawdown = (lv.ref - lv.long) / lv.noise_long
+    # A reward stuck at one value below its reference (a policy that only fails: 0 at every step) tells more than
+    # its 20-step level, which still holds the points before: a run of n equal values, where that value was a share
+    # q of the points before it, comes by chance with probability q^n (q with one success and one failure added).
+    points = state["signals"]["reward"]["points"]
+    stuck = next((n for n, (_, value) in enumerate(reversed(points)) if value != points[-1][1]), len(points))
+    if stuck >= th.patience and points[-1][1] < lv.ref:
+        before = [value for _, value in points[:-stuck]]
+        chance = ((sum(value == points[-1][1] for value in before) + 1) / (len(before) + 2)) ** stuck
+        drawdown = max(drawdown, NormalDist().inv_cdf(1 - max(min(chance, 0.5), 1e-12)))
     strength = min((lv.ref - lv.short - size) / lv.noise_short, drawdown - th.noise_units)
     return strength, drawdown, lv.ref - lv.short > size
 
@@ -506,7 +517,7 @@ class Detector:
     # raised at its patience-th); else raised at the first point held raise_units past the threshold (or at the
     # patience-th held in a row), once the level spans patience points.
     hold: bool = False
-    describe: Callable[[Level, float, Thresholds], str] = None  # the message when raised
+    describe: Callable[[Level, float, Thresholds], str] = None  # (level, measure, th) -> the message when raised
     # back(level, reference at the raise, th): the signal is on the healthy side of the threshold again; once it is
     # at patience log points in a row the detection has ended (recovered) and the detector is armed again.
     back: Callable[[Level, float, Thresholds], bool] = None
@@ -529,30 +540,30 @@ def _length_back(lv: Level, reference: float, th: Thresholds) -> bool:
 
 DETECTORS_TABLE = (
     Detector("length_collapse", "length", _length_collapse, "bai/response_length_ratio",
-             describe=lambda lv, s, th: f"sequence length collapse: response length level {lv.value:.0f} at "
+             describe=lambda lv, m, th: f"sequence length collapse: response length level {lv.value:.0f} at "
              f"{_pct(lv)} of its " + (
                  f"start level {lv.reference:.0f} tokens (--bai.start_ratio {th.start_ratio:g})" if lv.from_start
                  else f"reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})"),
              back=_length_back),
     Detector("truncation_drop", "length", _truncation_drop, "bai/response_length_ratio",
-             describe=lambda lv, s, th: f"length drop from the truncation cap: response length level "
+             describe=lambda lv, m, th: f"length drop from the truncation cap: response length level "
              f"{lv.value:.0f} at {_pct(lv)} of its {'start level' if lv.from_start else 'reference'} "
              f"{lv.reference:.0f} tokens, but the responses that were "
              "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning",
              back=_length_back),
     # Recovered only when back at its old level (within one noise unit): the slow climb is the hockey stick's blade.
     Detector("hockey_stick", "reward", _reward_drop, "bai/reward_drawdown",
-             describe=lambda lv, s, th: f"reward hockey stick: reward level {lv.value:.4g} fell from its reference "
-             f"{lv.reference:.4g} by {(lv.ref - lv.long) / lv.noise_long:.1f} noise units "
+             describe=lambda lv, m, th: f"reward hockey stick: reward level {lv.value:.4g} fell from its reference "
+             f"{lv.reference:.4g} by {m:.1f} noise units "
              f"(--bai.reward_drop {th.reward_drop:g}, --bai.noise_units {th.noise_units:g})",
              back=lambda lv, reference, th: lv.short >= reference - lv.noise_short),
     Detector("entropy_collapse", "entropy", _entropy_collapse, "bai/entropy_ratio", peak=True,
-             describe=lambda lv, s, th: f"entropy collapse: policy entropy level {lv.value:.3g} at {_pct(lv)} of "
+             describe=lambda lv, m, th: f"entropy collapse: policy entropy level {lv.value:.3g} at {_pct(lv)} of "
              f"its highest level {lv.reference:.3g} (--bai.entropy_ratio {th.entropy_ratio:g})",
              back=lambda lv, reference, th: _halfway_back(lv, min(th.entropy_ratio * reference, th.entropy_nats),
                                                           reference)),
     Detector("kl_blowup", "kl", _kl_blowup, "bai/kl_ratio", hold=True,
-             describe=lambda lv, s, th: f"KL blow-up: KL level {lv.value:.3g} nats against its reference "
+             describe=lambda lv, m, th: f"KL blow-up: KL level {lv.value:.3g} nats against its reference "
              f"{'-' if lv.reference is None else format(lv.reference, '.3g')} (--bai.kl_limit_nats "
              f"{th.kl_limit_nats:g}, --bai.kl_factor {th.kl_factor:g})"),
 )
@@ -671,7 +682,7 @@ def observe(state: dict, step: int, metrics: Mapping[str, Any], th: Thresholds =
             if found["step"] is None:  # the verdict's fields describe the first raise
                 found.update(step=step, strength=strength, reference=judged.reference, **truncation)
             again = f" (again: the last one ended at step {episodes[-2]['recovery_step']})" if episodes[:-1] else ""
-            _event(state, detector.name, step, f"{detector.describe(judged, strength, th)}; {strength:.1f} noise "
+            _event(state, detector.name, step, f"{detector.describe(judged, measure, th)}; {strength:.1f} noise "
                    f"units past the threshold{again}", values)
         if held:
             found["max_strength"] = max(found["max_strength"] or strength, strength)
