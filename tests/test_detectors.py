@@ -82,7 +82,8 @@ def test_a_base_model_learning_the_format_in_its_first_steps_is_no_collapse_and_
     assert not analyze(rows)[0]["length_collapse"]["detected"]
     assert analyze(rows, replace(TH, warmup_steps=0))[0]["length_collapse"]["detected"]  # what 0.3 raised
     late = [300.0] * 30 + [100.0] * 20
-    assert analyze(rows_of([v * (1 + rng.gauss(0, 0.05)) for v in late], [0.3] * 50))[0]["length_collapse"]["step"] <= 35
+    found = analyze(rows_of([v * (1 + rng.gauss(0, 0.05)) for v in late], [0.3] * 50))[0]
+    assert found["length_collapse"]["step"] <= 35
 
 
 def test_run_resumed_at_step_500_logging_every_10_steps_works_like_one_from_the_start():

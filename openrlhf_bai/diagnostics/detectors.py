@@ -50,8 +50,8 @@ the end of the log (a collapse, by the corpus rule, never comes back).
   reference less that level; at least one step's noise), and the long level `noise_units`
   below it (a reward that falls by half and stays down is raised: the drop of a hockey stick that has not
   recovered), or the reward stuck at one value below the reference for a run of points as unlikely by chance as
-  `noise_units` (its share of the points before the run, to the run's length); recovered once the short level is back within one noise unit of the reference at `patience`
-  points in a row, recovery_steps after the drop.
+  `noise_units` (its share of the points before the run, to the run's length); recovered once the short level is
+  back within one noise unit of the reference at `patience` points in a row, recovery_steps after the drop.
 - entropy_collapse: entropy below `entropy_ratio` x its highest level (by `entropy_ratio_units`) and below
   `entropy_nats`, the long level `noise_units` below its highest level.
 - kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
