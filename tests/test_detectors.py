@@ -299,6 +299,22 @@ def test_a_kl_that_rises_slowly_past_one_nat_is_raised_when_it_crosses_it():
     assert result["kl_blowup"]["detected"] and 112 <= result["kl_blowup"]["step"] <= 112 + TH.patience + 3
 
 
+def test_a_reward_stuck_at_zero_is_raised_by_its_run_and_a_rare_success_rate_is_not():
+    rng = random.Random(3)
+
+    def four_completions(p):  # 1 prompt x 4 completions scored 0/1: the reward moves in quarters
+        return sum(rng.random() < p for _ in range(4)) / 4
+
+    # A policy that only fails from step 61: 20 zeros where a zero was 1 step in 25 before. The 20-step level still
+    # holds the steps before; the run of zeros (q^n) is raised within patience + 1 log points.
+    rewards = [four_completions(0.55) for _ in range(60)] + [0.0] * 20
+    drop = analyze(rows_of([500.0] * 80, rewards))[0]["hockey_stick"]
+    assert drop["detected"] and 61 <= drop["drop_step"] <= 61 + TH.patience + 1
+    # A hard task whose zeros are half the steps: runs of up to 8 zeros are chance, and nothing is raised.
+    rewards = [four_completions(0.15) for _ in range(300)]
+    assert not analyze(rows_of([500.0] * 300, rewards))[0]["hockey_stick"]["detected"]
+
+
 def test_verl_kl_in_the_reward_is_read_before_a_zero_kl_loss_and_the_one_update_ppo_kl():
     # verl PPO with the KL in the reward: actor/reward_kl_penalty is the KL to the reference; actor/ppo_kl (old -> new
     # policy of one update) stays tiny, and some verl versions print actor/kl_loss as 0.0 when no KL loss is used.
