@@ -54,7 +54,8 @@ DEPS = Path(os.environ.get("OPENRLHF_BAI_ENV_CACHE", Path.home() / ".cache" / "o
 PINS = ("ruptures==1.1.10", "rlwatch==0.5.1", "scipy==1.16.3")
 SIMPLE = ("length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup")
 GRID = {"noise_units": (2.0, 3.0, 4.0), "collapse_ratio": (0.5, 0.6, 0.7), "entropy_ratio": (0.15, 0.2, 0.25),
-        "reward_drop": (0.3, 0.5), "ratio_units": (1.0, 2.0, 3.0), "raise_units": (0.0, 0.5)}
+        "reward_drop": (0.3, 0.5), "ratio_units": (1.0, 2.0, 3.0), "entropy_ratio_units": (1.0, 2.0),
+        "raise_units": (0.0, 0.5)}
 
 
 def ensure_deps() -> None:
