@@ -318,9 +318,9 @@ def main(argv=None) -> int:
           "| misses |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for method in order:
-        groups = [[o for o in results[method] if o["origin"] == "real" and (o["curve"], o["event"]) in seen
-                   and seen[o["curve"], o["event"]] is not None
-                   and (seen[o["curve"], o["event"]] >= th.noise_units) == clear] for clear in (True, False)]
+        scored = [(o, seen.get((o["curve"], o["event"]))) for o in results[method] if o["origin"] == "real"]
+        groups = [[o for o, units in scored if units is not None and (units >= th.noise_units) == clear]
+                  for clear in (True, False)]
         print(f"| {method} | " + " | ".join(
             f"{s['events']} | {s['hits']} | {s['late']} | {s['early']} | {s['misses']}" for s in map(summarize, groups))
               + " |")

@@ -119,6 +119,8 @@ def test_init_actor_on_openrlhfs_hierarchized_args(llama_family, tmp_path):
     (["--bai.base", "b", "--bai.sft", "s"], "--bai.base --bai.sft given without --actor_init bai"),
     (["--bai.collapse_ratio", "1.5"], "--bai.collapse_ratio must be in (0, 1)"),
     (["--bai.patience", "0"], "--bai.patience must be an integer >= 1"),
+    (["--bai.warmup_steps", "-1"], "--bai.warmup_steps must be an integer >= 0"),
+    (["--bai.entropy_ratio_units", "-1"], "--bai.entropy_ratio_units must be >= 0"),
     (["--bai.alert_url", "hooks.slack.com/services/T0/B0/X"], "--bai.alert_url must be an http:// or https:// URL"),
     (["--bai.alert_timeout", "0"], "--bai.alert_timeout must be in (0, 60] seconds"),
     (["--actor_init", "bai", "--bai.base", "b", "--pretrain", "a", "--actor.model_name_or_path", "a"], "use one"),
