@@ -15,6 +15,9 @@ synthetic shapes (--seeds times over). Contenders, on the same curves:
 - rolling median: the ten-line rule of issue 15, a median of the last 20 steps against the median of the first
   20 steps for 3 log points in a row: length below 0.6; reward fallen by half of |first| (a hockey stick's drop);
   entropy below 0.2; KL above max(10 x first, 0.5 nats) or 1 nat;
+- CUSUM (Page, h = 5): the textbook online change detector, optimal for a known shift from a known level: the
+  level and spread of the first 20 steps (lengths, entropy and KL on logs), a shift to the rolling median's limits
+  (KL: up to its limit), alarm once the summed log-likelihood ratio reaches 5;
 - plain threshold: the same limits on the raw values against the first logged value, no window, no patience;
 - PELT (ruptures 1.1.10, offline: it sees the whole curve): the first change point after which the segment mean
   is past the same limits against the segment before it;
@@ -115,6 +118,32 @@ def rolling_median(curve: dict, th: Thresholds) -> dict:
             last = statistics.median(v for s, v in points[: i + 1] if s > step - 20)
             run = run + 1 if past(name, last, first) else 0
             if run >= 3:
+                found[name] = step
+                break
+    return found
+
+
+def cusum(curve: dict, th: Thresholds) -> dict:
+    """Page's CUSUM: the optimal online test for a known shift from a known level. Level and spread from the first
+    20 steps (as the rolling median's start); the shift is to the same limit; h = 5, the textbook threshold."""
+    found = {}
+    for name in SIMPLE:
+        points, found[name] = series(curve, SIGNAL_OF[name]), None
+        log = name != "hockey_stick"  # lengths, entropy and KL as ratios, the reward as a difference
+        values = [(step, math.log(max(v, 1e-9)) if log else v) for step, v in points]
+        head = [x for step, x in values if step < points[0][0] + 20] if points else []
+        if len(head) < 3:
+            continue
+        start, spread = statistics.median(head), statistics.stdev(head)
+        shift = {"length_collapse": math.log(0.6), "entropy_collapse": math.log(0.2),
+                 "hockey_stick": -0.5 * abs(start)}.get(name)
+        if shift is None:  # KL: up to the rolling median's limit
+            shift = math.log(min(1.0, max(10 * math.exp(start), 0.5))) - start
+        spread = max(spread, 1e-3 * abs(shift), 1e-12)
+        total = 0.0
+        for step, x in values:  # the log-likelihood ratio of "shifted" to "not", summed from its last zero
+            total = max(0.0, total + shift / spread ** 2 * (x - start - shift / 2))
+            if total >= 5.0:
                 found[name] = step
                 break
     return found
@@ -272,7 +301,8 @@ def main(argv=None) -> int:
                  for curve in synthetic_curves(seed)]
     contenders = {"openrlhf-bai (defaults)": ours, "openrlhf-bai, save/stop (sustained)": ours_sustained,
                   "openrlhf-bai, whole log (did not come back)": ours_whole_log,
-                  "rolling median (issue 15)": rolling_median, "plain threshold": plain_threshold}
+                  "rolling median (issue 15)": rolling_median, "CUSUM (Page, h = 5)": cusum,
+                  "plain threshold": plain_threshold}
     if not args.skip_references:
         ensure_deps()
         contenders.update({"PELT (ruptures, offline)": pelt, "rlwatch 0.5.1": rlwatch})
