@@ -155,6 +155,15 @@ DISAGREE = {
     # the entropy_ratio_units of 0.2). Peaks over full 5-point windows only would keep it quiet, but make a real
     # collapse a miss and another late: not adopted.
     ("cppywh-qwen3-17b-base-grpo-gsm8k-r1zero", "entropy_collapse"): "false alarm",
+    # Held-out batch 20, missed at first contact: the paper's length collapse of a long-reasoning model (Qwen3-8B
+    # thinking, ~17k tokens) and of Gemma-4-E2B, 2 prompts a step, in 14-23-point logs. The falls start inside
+    # warmup_steps (the first 10 steps, not judged), so by the end of it the trailing reference already holds the
+    # fallen points; the start level needs reference_steps (100) steps, which these logs never reach; and a 2-prompt
+    # length moves ~30 % a step, so a median of 5 points must be at a third of its reference to pass 0.6 by
+    # ratio_units. warmup_steps 0 raises one 9 points late and adds false alarms (docs/benchmarks.md).
+    ("sameer-gemma4-e2b-sdpo-ojbench-20step", "length_collapse"): "miss",
+    ("sameer-qwen3-8b-sdpo-ojbench-lr1e-4-killed-23", "length_collapse"): "miss",
+    ("sameer-qwen3-8b-sdpo-ojbench-lr5e-5-killed-14", "length_collapse"): "miss",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
