@@ -164,6 +164,15 @@ DISAGREE = {
     ("sameer-gemma4-e2b-sdpo-ojbench-20step", "length_collapse"): "miss",
     ("sameer-qwen3-8b-sdpo-ojbench-lr1e-4-killed-23", "length_collapse"): "miss",
     ("sameer-qwen3-8b-sdpo-ojbench-lr5e-5-killed-14", "length_collapse"): "miss",
+    # Held-out batch 22 at first contact. A slow reward sag of 32 rollouts a step, 2.2 noise units for the oracle by
+    # the deadline (under the noise: no test that holds a false-alarm rate raises it in time).
+    ("loganluna-qwen25coder-grpo-lean-proof-shaped-200", "hockey_stick"): "miss",
+    # Its entropy rises from 0.10 (the rule's start, the median of its first 10 points) to a highest 5-point level of
+    # 0.157 at step 28, then falls to 0.02: 0.11 of the highest level, but the rule's last level is 0.25 of its start.
+    ("loganluna-qwen25coder-grpo-lean-proof-shaped-200", "entropy_collapse"): "false alarm",
+    # Six points at -6 to -12 (steps 47-52) of a reward whose per-step noise is 4 around -4: raised at 0.5 noise
+    # units, the raise_units threshold, 539 points before the rule's borderline fall.
+    ("subramanyam-qwen3-32b-selfplay-grpo-sycophancy-defend", "hockey_stick"): "early",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
