@@ -173,6 +173,10 @@ DISAGREE = {
     # Six points at -6 to -12 (steps 47-52) of a reward whose per-step noise is 4 around -4: raised at 0.5 noise
     # units, the raise_units threshold, 539 points before the rule's borderline fall.
     ("subramanyam-qwen3-32b-selfplay-grpo-sycophancy-defend", "hockey_stick"): "early",
+    # Held-out batch 23 at first contact (borderline): a single-sample PPO reward at exactly +-5 for 10 steps (human
+    # review), then ~0.03 (a discriminator) once the review budget runs out. The +-5 jumps are the reward's noise
+    # (root mean square of its differences) until enough 0.03 steps outweigh them: raised 12 points after the switch.
+    ("yocim-gpt2-ppo-hh-safety-kl-rise", "hockey_stick"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
