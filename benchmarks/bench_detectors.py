@@ -95,15 +95,20 @@ def ours_sustained(curve: dict, th: Thresholds) -> dict:
 # ------------------------------------------------------------------------------------------- the references
 
 
+def limit(name: str, first: float) -> float:
+    """The level each simple rule calls an event, from the level the signal started at (`first`): a length under 0.6
+    of it, an entropy under 0.2, a reward fallen by half of |first|, a KL over max(10 x first, 0.5 nat) or 1 nat."""
+    return {"length_collapse": 0.6 * first, "entropy_collapse": 0.2 * first,
+            "hockey_stick": first - 0.5 * abs(first)}.get(name, min(1.0, max(10 * first, 0.5)))
+
+
 def past(name: str, value: float, first: float, spread: float = 0.0) -> bool:
-    """Each simple rule's limit on a level (`value`) against the level it started from (`first`)."""
-    if name == "length_collapse":
-        return first > 0 and value < 0.6 * first
+    """A level (`value`) past its simple rule's limit; a reward's fall must also be 3 x `spread`."""
+    if name == "kl_blowup":
+        return value > limit(name, first)
     if name == "hockey_stick":
-        return first - value > max(0.5 * abs(first), 3 * spread)
-    if name == "entropy_collapse":
-        return first > 0 and value < 0.2 * first
-    return value > 1.0 or value > max(10 * first, 0.5)
+        return value < min(limit(name, first), first - 3 * spread)
+    return first > 0 and value < limit(name, first)
 
 
 def rolling_median(curve: dict, th: Thresholds) -> dict:
@@ -125,7 +130,7 @@ def rolling_median(curve: dict, th: Thresholds) -> dict:
 
 def cusum(curve: dict, th: Thresholds) -> dict:
     """Page's CUSUM: the optimal online test for a known shift from a known level. Level and spread from the first
-    20 steps (as the rolling median's start); the shift is to the same limit; h = 5, the textbook threshold."""
+    20 steps (as the rolling median's start); the shift is to the same limit(); h = 5, the textbook threshold."""
     found = {}
     for name in SIMPLE:
         points, found[name] = series(curve, SIGNAL_OF[name]), None
@@ -135,10 +140,8 @@ def cusum(curve: dict, th: Thresholds) -> dict:
         if len(head) < 3:
             continue
         start, spread = statistics.median(head), statistics.stdev(head)
-        shift = {"length_collapse": math.log(0.6), "entropy_collapse": math.log(0.2),
-                 "hockey_stick": -0.5 * abs(start)}.get(name)
-        if shift is None:  # KL: up to the rolling median's limit
-            shift = math.log(min(1.0, max(10 * math.exp(start), 0.5))) - start
+        bound = limit(name, math.exp(start) if log else start)
+        shift = (math.log(bound) if log else bound) - start
         spread = max(spread, 1e-3 * abs(shift), 1e-12)
         total = 0.0
         for step, x in values:  # the log-likelihood ratio of "shifted" to "not", summed from its last zero
