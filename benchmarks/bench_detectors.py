@@ -23,6 +23,8 @@ synthetic shapes (--seeds times over). Contenders, on the same curves:
   is past the same limits against the segment before it;
 - rlwatch 0.5.1 (its EntropyCollapseDetector and KLExplosionDetector with their defaults; it has no length or
   reward detector), a critical alert counting as the detection.
+The real runs are also split by the model the RL actor started from (actor_kind): a base model learning the output
+format, or a post-trained one (instruct, SFT, distilled, thinking: the paper's setting and BAI's merged actor).
 Each real event is also split by what an oracle sees of it by the last log point a hit may be raised at
 (corpus.oracle_units): events under noise_units there are noise-limited, no contender can raise them in time.
 Only the events a contender covers are scored for it (truncation_drop: ours only). ruptures and rlwatch are
@@ -41,6 +43,7 @@ import multiprocessing
 import os
 import pickle
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -90,6 +93,22 @@ def ours_sustained(curve: dict, th: Thresholds) -> dict:
     """Where --bai.on_collapse save/stop would act: each detection's sustained step."""
     verdict = analyze(curve["rows"], th, cap=curve.get("cap"))[0]
     return {name: verdict[name]["sustained_step"] for name in detections(verdict)}
+
+
+def actor_kind(curve: dict) -> str:
+    """The model the run's actor started from, read from its provenance's "model": "base" where it names a base
+    model (an id ending -Base, "(base", "base model", gpt2) and no SFT stage before the RL, "post-trained" for any
+    other recorded model (instruct, -it, SFT, distilled, thinking), "not recorded" where the run does not say (or
+    says only that the model was pre-trained from scratch)."""
+    model = (curve["provenance"].get("model") or "").lower()
+    if not model or model.startswith("unknown") or "from scratch" in model:
+        return "not recorded"
+    if "sft" in model:  # a base model after a format SFT starts its RL post-trained
+        return "post-trained"
+    name = model.split()[0].rstrip(",;")
+    if re.search(r"-base\b", name) or re.match(r"\S+ \(?base\b", model) or name == "gpt2":
+        return "base"
+    return "post-trained"
 
 
 # ------------------------------------------------------------------------------------------- the references
@@ -336,6 +355,10 @@ def main(argv=None) -> int:
     for batch in sorted({curve["held_out"] for curve in real if curve.get("held_out")}):
         runs = {curve["name"] for curve in real if curve.get("held_out") == batch}
         table(f"Held-out batch {batch!r} ({len(runs)} runs)",
+              {m: [o for o in results[m] if o["curve"] in runs] for m in order})
+    for kind in ("post-trained", "base", "not recorded"):
+        runs = {curve["name"] for curve in real if actor_kind(curve) == kind}
+        table(f"Real runs by the model their actor started from: {kind} ({len(runs)} runs; actor_kind)",
               {m: [o for o in results[m] if o["curve"] in runs] for m in order})
     for source in sources:
         table(f"Real runs of {source}", {m: [o for o in results[m] if o["source"] == source] for m in order})
