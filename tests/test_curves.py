@@ -177,6 +177,10 @@ DISAGREE = {
     # review), then ~0.03 (a discriminator) once the review budget runs out. The +-5 jumps are the reward's noise
     # (root mean square of its differences) until enough 0.03 steps outweigh them: raised 12 points after the switch.
     ("yocim-gpt2-ppo-hh-safety-kl-rise", "hockey_stick"): "late",
+    # Held-out batch 24 at first contact. A 1,024-rollout verl length that falls from ~280 to 106 tokens (0.38 of its
+    # start) over steps 10-34 and is coming back when the log ends: the rule's last level is 0.61 of its start, just
+    # over its 0.6, so by the rule it came back; the detection (a fall of 60 %) has not ended by then.
+    ("shamanez-qwen25-15b-grpo-gsm8k-powersgd-signed-ema", "length_collapse"): "false alarm",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
