@@ -181,6 +181,12 @@ DISAGREE = {
     # start) over steps 10-34 and is coming back when the log ends: the rule's last level is 0.61 of its start, just
     # over its 0.6, so by the rule it came back; the detection (a fall of 60 %) has not ended by then.
     ("shamanez-qwen25-15b-grpo-gsm8k-powersgd-signed-ema", "length_collapse"): "false alarm",
+    # Held-out batch 25 at first contact. A 1,024-rollout success rate that rose from 0.13 to a 20-step high of 0.66
+    # by step 53 and fell to ~0.41 at steps 69-74: the reference (the trimmed mean of the last 100 steps, 0.51) still
+    # holds the rise, so the fall from it (0.11) is under reward_drop x the gain over the lowest level (0.5 x 0.28).
+    # A reference at the highest 20-step level does not raise it either (the fall is 0.4 of the gain) and adds ten
+    # wrong outcomes on the corpus (docs/benchmarks.md).
+    ("shamanez-qwen25-15b-grpo-gsm8k-powersgd-cad20-delay20-reward-fall-length-explosion", "hockey_stick"): "miss",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
