@@ -187,6 +187,10 @@ DISAGREE = {
     # A reference at the highest 20-step level does not raise it either (the fall is 0.4 of the gain) and adds ten
     # wrong outcomes on the corpus (docs/benchmarks.md).
     ("shamanez-qwen25-15b-grpo-gsm8k-powersgd-cad20-delay20-reward-fall-length-explosion", "hockey_stick"): "miss",
+    # Held-out batch 26 at first contact. A Tinker entropy at 0.03-0.08 from step ~151 (0.31 at the start), raised at
+    # step 159; single points back at 0.19-0.27 when a large task's batches return keep the rule's 5-point level above
+    # its bound until step 176, the end of the log.
+    ("sauersml-qwen3-30b-a3b-is-multitask-entropy-collapse", "entropy_collapse"): "early",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
