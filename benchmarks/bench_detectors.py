@@ -101,12 +101,12 @@ def actor_kind(curve: dict) -> str:
     other recorded model (instruct, -it, SFT, distilled, thinking), "not recorded" where the run does not say (or
     says only that the model was pre-trained from scratch)."""
     model = (curve["provenance"].get("model") or "").lower()
-    if not model or model.startswith("unknown") or "from scratch" in model:
+    if not model or model.startswith(("unknown", "unresolved")) or "from scratch" in model:
         return "not recorded"
     if "sft" in model:  # a base model after a format SFT starts its RL post-trained
         return "post-trained"
-    name = model.split()[0].rstrip(",;")
-    if re.search(r"-base\b", name) or re.match(r"\S+ \(?base\b", model) or name == "gpt2":
+    named_base = re.search(r"-base\b|\(base\b|\bbase model\b", model) or re.match(r"\S+ base\b", model)
+    if named_base or model.startswith("gpt2"):
         return "base"
     return "post-trained"
 
