@@ -22,7 +22,12 @@ synthetic shapes (--seeds times over). Contenders, on the same curves:
 - PELT (ruptures 1.1.10, offline: it sees the whole curve): the first change point after which the segment mean
   is past the same limits against the segment before it;
 - rlwatch 0.5.1 (its EntropyCollapseDetector and KLExplosionDetector with their defaults; it has no length or
-  reward detector), a critical alert counting as the detection.
+  reward detector), a critical alert counting as the detection;
+- the corpus rule, read live (tests/data/curves/label_rule.py, the rule the labels come from): at each log point,
+  the rule run on the log up to that point, raised at the first point it calls the event; and the same with the
+  start and level windows of the whole log (its row count), so that it differs from the labels only by the points
+  still to come. Not a contender to beat: it measures how much of the labels no reader of the log so far can know
+  (a fall that comes back later is healthy by the rule, a collapse by the rule on the points before).
 The real runs are also split by the model the RL actor started from (actor_kind): a base model learning the output
 format, or a post-trained one (instruct, SFT, distilled, thinking: the paper's setting and BAI's merged actor).
 Each real event is also split by what an oracle sees of it by the last log point a hit may be raised at
@@ -49,7 +54,9 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
+from importlib.util import module_from_spec, spec_from_file_location
 from pathlib import Path
+from unittest import mock
 
 from openrlhf_bai.diagnostics.corpus import (EVENTS, SIGNAL_OF, detections, oracle_units, real_curves, score,
                                              synthetic_curves)
@@ -222,6 +229,44 @@ def rlwatch(curve: dict, th: Thresholds) -> dict:
     return found
 
 
+def _label_rule():
+    spec = spec_from_file_location("label_rule", REPO / "tests" / "data" / "curves" / "label_rule.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RULE = _label_rule()
+
+
+def corpus_rule_live(curve: dict, th: Thresholds, whole_log_windows: bool = False) -> dict:
+    """The corpus rule on each prefix of the log; an event is raised at the first point the rule calls it present.
+    `whole_log_windows`: the rule's start and level windows as for the whole log (they grow with its length)."""
+    provenance = curve.get("provenance") or {}
+    cap = curve.get("max_response_length") or provenance.get("max_response_length")  # as label_rule.label reads it
+    rules = {"length": lambda rows: RULE.length_collapse(rows, provenance, cap)[0],
+             "hockey_stick": lambda rows: {"hockey_stick": RULE.hockey_stick(rows, provenance)[0]},
+             "entropy_collapse": lambda rows: {"entropy_collapse": RULE.entropy_collapse(rows, provenance)[0]},
+             "kl_blowup": lambda rows: {"kl_blowup": RULE.kl_blowup(rows, provenance)[0]}}
+    rows, found = curve["rows"], dict.fromkeys(EVENTS)
+    windows = RULE.windows
+    with mock.patch.object(RULE, "windows", (lambda n: windows(len(rows))) if whole_log_windows else windows):
+        for end in range(1, len(rows) + 1):
+            for verdicts in rules.values():
+                try:
+                    verdicts = verdicts(rows[:end])
+                except ValueError:  # a prefix too short for a level: nothing the rule can judge yet
+                    continue
+                for name, verdict in verdicts.items():
+                    if found[name] is None and verdict.get("present"):
+                        found[name] = rows[end - 1][0]
+    return found
+
+
+def corpus_rule_live_whole_windows(curve: dict, th: Thresholds) -> dict:
+    return corpus_rule_live(curve, th, whole_log_windows=True)
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 
 WRONG = ("miss", "false alarm", "late", "early")
@@ -324,7 +369,8 @@ def main(argv=None) -> int:
     contenders = {"openrlhf-bai (defaults)": ours, "openrlhf-bai, save/stop (sustained)": ours_sustained,
                   "openrlhf-bai, whole log (did not come back)": ours_whole_log,
                   "rolling median (issue 15)": rolling_median, "CUSUM (Page, h = 5)": cusum,
-                  "plain threshold": plain_threshold}
+                  "plain threshold": plain_threshold, "corpus rule, read live": corpus_rule_live,
+                  "corpus rule, read live, whole log's windows": corpus_rule_live_whole_windows}
     if not args.skip_references:
         ensure_deps()
         contenders.update({"PELT (ruptures, offline)": pelt, "rlwatch 0.5.1": rlwatch})
@@ -380,6 +426,19 @@ def main(argv=None) -> int:
         print(f"| {method} | " + " | ".join(
             f"{s['events']} | {s['hits']} | {s['late']} | {s['early']} | {s['misses']}" for s in map(summarize, groups))
               + " |")
+
+    # What the labels know from the future: the same wrong outcome by the corpus rule itself, read live.
+    rule = {(o["curve"], o["event"]): o["outcome"] for o in results["corpus rule, read live, whole log's windows"]}
+    print("\nWrong outcomes of openrlhf-bai (defaults) on the real runs, and how many of them the corpus rule makes "
+          "too, read live with the whole log's windows (the labels' own rule, given the log up to each point): "
+          "those are wrong only by what the log does afterwards")
+    print("| outcome | ours | the rule read live too | ours alone | healthy runs with it: ours / ours alone |")
+    print("|---|---|---|---|---|")
+    for outcome in WRONG:
+        mine = [o for o in results["openrlhf-bai (defaults)"] if o["origin"] == "real" and o["outcome"] == outcome]
+        alone = [o for o in mine if rule.get((o["curve"], o["event"])) != outcome]
+        healthy = [len({o["curve"] for o in group if o["healthy"]}) for group in (mine, alone)]
+        print(f"| {outcome} | {len(mine)} | {len(mine) - len(alone)} | {len(alone)} | {healthy[0]} / {healthy[1]} |")
 
     print("\nReal runs, per event (openrlhf-bai defaults)")
     print("| event | events | hits | late | early | misses | false alarms | median / worst delay (log points) |")

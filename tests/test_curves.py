@@ -191,6 +191,16 @@ DISAGREE = {
     # step 159; single points back at 0.19-0.27 when a large task's batches return keep the rule's 5-point level above
     # its bound until step 176, the end of the log.
     ("sauersml-qwen3-30b-a3b-is-multitask-entropy-collapse", "entropy_collapse"): "early",
+    # Held-out batch 27 at first contact; the corpus rule itself, read live, makes all three (docs/benchmarks.md).
+    # A Tinker reward at ~0.31 that dips to 0.19-0.22 over steps 117-126 and is back by 136: raised at 127, ended; the
+    # fall the rule labels (from ~0.35 at step 258, back at 475) is raised again at 253.
+    ("harleycoops-qwen3-30b-a3b-tinker-grpo-cree-dictionary", "hockey_stick"): "early",
+    # The same run's entropy, from ~1.1 to 0.07-0.13 over steps 180-250 (0.09 of its start) and later near 1e-6 on
+    # stretches of steps 437-504: below the rule's bounds, but back above 30 % of its start each time (healthy).
+    ("harleycoops-qwen3-30b-a3b-tinker-grpo-cree-dictionary", "entropy_collapse"): "false alarm",
+    # A flat 4-sample reward whose rule-made fall (borderline) is a ~70-step bump around one 0.85 outlier: raised only
+    # on a 4-step dip at step 460.
+    ("harleycoops-qwen35-4b-tinker-grpo-cree-dictionary-1200", "hockey_stick"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
@@ -211,10 +221,12 @@ def test_every_label_is_what_the_written_rule_gives():
 
 def test_the_written_rule_labels_a_run_whose_entropy_or_untruncated_length_starts_at_zero(tmp_path):
     # Real notebook tables log entropy 0 at step 1, or have every response truncated at first (a terminated length of
-    # 0): the rule still gives its verdict (the ratios in its notes are NaN there).
-    rows = ["step,completions/mean_length,completions/clipped_ratio,completions/mean_terminated_length,reward,entropy"]
-    rows += [f"{s},{900 if s < 30 else 200},{1.0 if s < 10 else 0.2},{0 if s < 10 else 150},0.5,{0 if s == 1 else 0.4}"
-             for s in range(1, 61)]
+    # 0), or a KL column of nan on every row: the rule still gives its verdict (the ratios in its notes are NaN there,
+    # a column without a number is not logged).
+    rows = ["step,completions/mean_length,completions/clipped_ratio,completions/mean_terminated_length,reward,entropy,"
+            "kl"]
+    rows += [f"{s},{900 if s < 30 else 200},{1.0 if s < 10 else 0.2},{0 if s < 10 else 150},0.5,"
+             f"{0 if s == 1 else 0.4},nan" for s in range(1, 61)]
     (tmp_path / "curve.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "provenance.json").write_text(json.dumps({"format": "csv", "file": "curve.csv", "logging_steps": 1}))
     out = subprocess.run([sys.executable, str(DATA / "curves" / "label_rule.py"), "--json", str(tmp_path)],
@@ -223,6 +235,7 @@ def test_the_written_rule_labels_a_run_whose_entropy_or_untruncated_length_start
     label, end = json.JSONDecoder().raw_decode(out.stdout)  # the label, then the notes
     assert label["truncation_drop"]["present"] and not label["entropy_collapse"]["present"]
     assert "start=0, level min 0 (nan)" in out.stdout[end:]
+    assert not label["kl_blowup"]["present"] and "KL is not logged" in out.stdout[end:]
 
 
 def test_every_run_is_judged_on_the_metrics_its_label_was_decided_on():

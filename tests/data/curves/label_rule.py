@@ -71,7 +71,8 @@ def logged(rows, provenance, role):
 
 
 def pick(rows, provenance, role):
-    present = {k for _, m in rows for k in m}
+    # a column with no finite value (a KL logged as nan on every row) is not logged
+    present = {k for _, m in rows for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     named = (provenance.get("metric_names") or {}).get(role)
     for name in ((named,) if named else ()) + FALLBACK[role]:
         if name and name in present:
