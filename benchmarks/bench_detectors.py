@@ -26,7 +26,8 @@ synthetic shapes (--seeds times over). Contenders, on the same curves:
 - the corpus rule, read live (tests/data/curves/label_rule.py, the rule the labels come from): at each log point,
   the rule run on the log up to that point, raised at the first point it calls the event; and the same with the
   start and level windows of the whole log (its row count: on the five runs that log a metric on fewer rows, that
-  metric's own count gives the same detections), so that it differs from the labels only by the points still to come. Not a contender to beat: it measures how much of the labels no reader of the log so far can know
+  metric's own count gives the same detections), so that it differs from the labels only by the points still to
+  come. Not a contender to beat: it measures how much of the labels no reader of the log so far can know
   (a fall that comes back later is healthy by the rule, a collapse by the rule on the points before).
 The real runs are also split by the model the RL actor started from (actor_kind): a base model learning the output
 format, or a post-trained one (instruct, SFT, distilled, thinking: the paper's setting and BAI's merged actor).
