@@ -215,6 +215,21 @@ def test_a_collapsed_level_wavering_around_the_threshold_is_raised_once_and_does
     assert [e["detector"] for e in events(rows) if e["alarm"]] == ["length_collapse"]
 
 
+def test_a_collapse_back_above_its_threshold_at_the_end_of_a_log_is_not_one_that_stayed(tmp_path, capsys):
+    # 1,000 tokens, a fall to 100, then 680 for the last 12 steps: above collapse_ratio x 1,000 (600) but short of
+    # halfway back (775). The raise stays open (the monitor does not raise it again), but a finished log read by
+    # diagnose has no collapse that stayed; one that ends at 300 has.
+    for end, stayed in ((680.0, False), (300.0, True)):
+        rows = rows_of([1000.0] * 40 + [100.0] * 20 + [end] * 12, [0.4] * 72)
+        collapse = analyze(rows)[0]["length_collapse"]
+        assert len(collapse["episodes"]) == 1 and collapse["episodes"][0]["recovery_step"] is None
+        assert collapse["unrecovered_step"] == (collapse["step"] if stayed else None)
+        path = tmp_path / f"log{end:.0f}.csv"
+        path.write_text("step,rollout/response_length_mean\n" + "".join(f"{s},{m[LENGTH]}\n" for s, m in rows))
+        assert cli(["diagnose", str(path)]) == 0
+        assert ("above its threshold at the end" in capsys.readouterr().out) is not stayed
+
+
 def test_an_entropy_collapse_that_comes_back_is_reported_ended_and_a_kl_blowup_never_ends():
     rows = [(s, {"entropy_loss": (0.9 if s < 30 or 50 <= s < 80 else 0.02) * (1 + 0.02 * (s % 3)),
                  "kl": 3.0 if 30 <= s < 50 else 0.01 * (1 + 0.1 * (s % 3))}) for s in range(1, 101)]

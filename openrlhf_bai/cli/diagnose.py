@@ -141,14 +141,17 @@ def _strength(found: dict) -> str:
             + ("not sustained" if sustained is None else f"sustained at step {sustained}"))
 
 
-def _episodes(episodes: list[dict], first: bool = True) -> str:
-    """Where a detection ended (its signal came back) and was raised again."""
+def _episodes(episodes: list[dict], first: bool = True, found: dict | None = None) -> str:
+    """Where a detection ended (its signal came back) and was raised again; with the detector's verdict `found`,
+    whether a raise still open at the end of the log has its level back above the threshold there."""
     text = ""
     for i, episode in enumerate(episodes):
         if i or not first:
             text += f", again at step {episode['step']}"
         if episode["recovery_step"] is not None:
             text += f", back from step {episode['recovery_step']}"
+    if found and episodes and episodes[-1]["recovery_step"] is None and found["unrecovered_step"] is None:
+        text += ", above its threshold at the end (not yet halfway back)"
     return text
 
 
@@ -163,7 +166,7 @@ def verdict_table(verdicts: list[dict]) -> str:
             collapse_text = "not assessed (no length)"
         elif collapse["detected"]:
             collapse_text = (f"YES at step {collapse['step']} (lowest ratio {collapse['min_ratio']:.2f}, "
-                             f"{_strength(collapse)}){_episodes(collapse['episodes'])}")
+                             f"{_strength(collapse)}){_episodes(collapse['episodes'], found=collapse)}")
         elif drop["detected"]:
             collapse_text = (f"no: truncation-cap drop at step {drop['step']} (truncated "
                              f"{_number(drop['truncated_rate_before'], '.0%')} -> "
@@ -189,7 +192,7 @@ def verdict_table(verdicts: list[dict]) -> str:
                 ratio_texts.append("not assessed")
             elif found["detected"]:
                 ratio_texts.append(f"YES at step {found['step']} ({word} ratio {_number(found[field], '.2f')}, "
-                                   f"{_strength(found)}){_episodes(found['episodes'])}")
+                                   f"{_strength(found)}){_episodes(found['episodes'], found=found)}")
             else:
                 ratio_texts.append(f"no ({word} ratio {_number(found[field], '.2f')})")
         lines.append((v["source"], str(v["steps"]), _number(v["baseline_length"], ".1f"),

@@ -518,8 +518,13 @@ class Detector:
     # patience-th held in a row), once the level spans patience points.
     hold: bool = False
     describe: Callable[[Level, float, Thresholds], str] = None  # (level, measure, th) -> the message when raised
-    # back(level, reference at the raise, th): the signal is on the healthy side of the threshold again; once it is
-    # at patience log points in a row the detection has ended (recovered) and the detector is armed again.
+    # threshold(reference at the raise, th): the level (signal units) a fall raised against that reference went
+    # below. The fall has ended once the short level is halfway back from it to the reference (_halfway_back) at
+    # patience log points in a row; a raise still open at the end of a log is a collapse that did not come back only
+    # while the level is below it (verdict's unrecovered_step).
+    threshold: Callable[[float, Thresholds], float] = None
+    # back(level, reference at the raise, th), for a detector without a threshold: the signal is on the healthy side
+    # again (same patience rule). A detector with neither (KL) does not end.
     back: Callable[[Level, float, Thresholds], bool] = None
 
 
@@ -533,9 +538,9 @@ def _halfway_back(lv: Level, threshold: float, reference: float) -> bool:
     return lv.value >= math.sqrt(threshold * reference)
 
 
-def _length_back(lv: Level, reference: float, th: Thresholds) -> bool:
+def _length_threshold(reference: float, th: Thresholds) -> float:
     # collapse_ratio also for a raise against the start level: a slow collapse must come back as far to have ended
-    return _halfway_back(lv, th.collapse_ratio * reference, reference)
+    return th.collapse_ratio * reference
 
 
 DETECTORS_TABLE = (
@@ -544,13 +549,13 @@ DETECTORS_TABLE = (
              f"{_pct(lv)} of its " + (
                  f"start level {lv.reference:.0f} tokens (--bai.start_ratio {th.start_ratio:g})" if lv.from_start
                  else f"reference {lv.reference:.0f} tokens (--bai.collapse_ratio {th.collapse_ratio:g})"),
-             back=_length_back),
+             threshold=_length_threshold),
     Detector("truncation_drop", "length", _truncation_drop, "bai/response_length_ratio",
              describe=lambda lv, m, th: f"length drop from the truncation cap: response length level "
              f"{lv.value:.0f} at {_pct(lv)} of its {'start level' if lv.from_start else 'reference'} "
              f"{lv.reference:.0f} tokens, but the responses that were "
              "not truncated kept their length: the model stopped hitting the length limit, it did not stop reasoning",
-             back=_length_back),
+             threshold=_length_threshold),
     # Recovered only when back at its old level (within one noise unit): the slow climb is the hockey stick's blade.
     Detector("hockey_stick", "reward", _reward_drop, "bai/reward_drawdown",
              describe=lambda lv, m, th: f"reward hockey stick: reward level {lv.value:.4g} fell from its reference "
@@ -560,8 +565,7 @@ DETECTORS_TABLE = (
     Detector("entropy_collapse", "entropy", _entropy_collapse, "bai/entropy_ratio", peak=True,
              describe=lambda lv, m, th: f"entropy collapse: policy entropy level {lv.value:.3g} at {_pct(lv)} of "
              f"its highest level {lv.reference:.3g} (--bai.entropy_ratio {th.entropy_ratio:g})",
-             back=lambda lv, reference, th: _halfway_back(lv, min(th.entropy_ratio * reference, th.entropy_nats),
-                                                          reference)),
+             threshold=lambda reference, th: min(th.entropy_ratio * reference, th.entropy_nats)),
     Detector("kl_blowup", "kl", _kl_blowup, "bai/kl_ratio", hold=True,
              describe=lambda lv, m, th: f"KL blow-up: KL level {lv.value:.3g} nats against its reference "
              f"{'-' if lv.reference is None else format(lv.reference, '.3g')} (--bai.kl_limit_nats "
@@ -727,11 +731,17 @@ def _recovery(state: dict, detector: Detector, found: dict, episode: dict | None
     noise unit of the reference it fell from) at patience log points in a row ends the episode, from the first of
     them, and arms the detector again. A collapse that comes back was a dip: the corpus rule's collapse never does."""
     # A raise carried over from 0.2's state has no reference to come back to; KL blow-ups do not end.
-    if episode is None or episode["reference"] is None or detector.back is None:
+    if episode is None or episode["reference"] is None or (detector.back is None and detector.threshold is None):
         return
+    if detector.threshold is not None:
+        threshold = detector.threshold(episode["reference"], th)
+        episode["below"] = lv.value < threshold  # at the last point seen: read by verdict's unrecovered_step
+        back = _halfway_back(lv, threshold, episode["reference"])
+    else:
+        back = detector.back(lv, episode["reference"], th)
     # Back for patience points in a row (a point that holds the condition again breaks the row): a noisy signal
     # touching its old level once has not recovered.
-    back = found["run"] == 0 and detector.back(lv, episode["reference"], th)
+    back = found["run"] == 0 and back
     found["back"] = found["back"] + 1 if back else 0
     if found["back"] == 1:
         found["back_step"] = step
@@ -757,15 +767,17 @@ def verdict(state: dict) -> dict:
         "length_collapse", "hockey_stick", "entropy_collapse", "kl_blowup", "truncation_drop"))
 
     def common(found):  # added in 0.3: how strong, when --bai.on_collapse save/stop would have acted, and each
-        # raise and whether it ended; unrecovered_step: the raise still holding at the end of the log (a collapse
-        # that did not come back), else None
+        # raise and whether it ended; unrecovered_step: the raise still open at the end of the log with its level
+        # still below its threshold there (a collapse that did not come back), else None. A level back above the
+        # threshold but not yet halfway back to the reference has not ended (the monitor does not raise it again),
+        # yet it is not a collapse that stayed, as the corpus rule's collapse is one never back above 60 %.
+        last = found["episodes"][-1] if found["episodes"] else None
+        unrecovered = last is not None and last["recovery_step"] is None and last.get("below", True)
         episodes = [{key: e[key] for key in ("step", "sustained", "recovery_step")} for e in found["episodes"]]
         return {"strength": found["strength"], "max_strength": found["max_strength"],
                 "sustained_step": found["sustained"], "reference": found["reference"],
                 "recovery_steps": found["recovery_steps"], "recovered": found["recovery_steps"] is not None,
-                "episodes": episodes,
-                "unrecovered_step": (episodes[-1]["step"] if episodes and episodes[-1]["recovery_step"] is None
-                                     else None)}
+                "episodes": episodes, "unrecovered_step": last["step"] if unrecovered else None}
 
     lowest_length = min((x for x in (length["extreme"], truncation["extreme"]) if x is not None), default=None)
     return {
