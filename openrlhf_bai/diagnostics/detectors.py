@@ -32,8 +32,9 @@ A detection **ends** once its signal is back on the healthy side at `patience` l
 entropy level at least halfway back (in logs) from its threshold to the reference it was raised against, a reward
 within one noise unit of its reference (the hockey stick's recovery); a KL blow-up does not end. An ended detection is
 reported (an informational event, the verdict's `episodes`) and the detector is armed again, so a collapse that
-came back and then returns for good is raised again; the verdict's `unrecovered_step` is the raise still holding at
-the end of the log (a collapse, by the corpus rule, never comes back).
+came back and then returns for good is raised again. The verdict's `unrecovered_step` is a collapse that stayed: the
+raise still open at the end of the log with its level still below its threshold there (a level back above the
+threshold but not yet halfway back has not ended, yet by the corpus rule, "never back above 60 %", it is no collapse).
 
 - length_collapse: short level < `collapse_ratio` x reference by `ratio_units` of its own noise (a median of 5
   points of a 2-completion run that merely touches the ratio is noise), and the long level `noise_units` below the
@@ -736,12 +737,12 @@ def _recovery(state: dict, detector: Detector, found: dict, episode: dict | None
     if detector.threshold is not None:
         threshold = detector.threshold(episode["reference"], th)
         episode["below"] = lv.value < threshold  # at the last point seen: read by verdict's unrecovered_step
-        back = _halfway_back(lv, threshold, episode["reference"])
+        healthy = _halfway_back(lv, threshold, episode["reference"])
     else:
-        back = detector.back(lv, episode["reference"], th)
+        healthy = detector.back(lv, episode["reference"], th)
     # Back for patience points in a row (a point that holds the condition again breaks the row): a noisy signal
     # touching its old level once has not recovered.
-    back = found["run"] == 0 and back
+    back = found["run"] == 0 and healthy
     found["back"] = found["back"] + 1 if back else 0
     if found["back"] == 1:
         found["back_step"] = step
