@@ -404,6 +404,9 @@ def test_a_slow_fall_from_the_start_level_is_told_from_the_cap_by_collapse_ratio
         result, _ = analyze(capped_rows(shares, lengths, 8192), cap=8192)
         assert result["truncation_drop"]["detected"]
         assert result["length_collapse"]["detected"] == collapsed
+        # At the end of the log it is one fall: the collapse it became, else the cap drop (diagnose, --json).
+        stayed = [name for name in ("length_collapse", "truncation_drop") if result[name]["unrecovered_step"]]
+        assert stayed == ["length_collapse" if collapsed else "truncation_drop"]
     assert 0.55 < result["length_collapse"]["untruncated_ratio"] < 0.6
 
 

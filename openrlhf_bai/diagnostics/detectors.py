@@ -34,7 +34,8 @@ within one noise unit of its reference (the hockey stick's recovery); a KL blow-
 reported (an informational event, the verdict's `episodes`) and the detector is armed again, so a collapse that
 came back and then returns for good is raised again. The verdict's `unrecovered_step` is a collapse that stayed: the
 raise still open at the end of the log with its level still below its threshold there (a level back above the
-threshold but not yet halfway back has not ended, yet by the corpus rule, "never back above 60 %", it is no collapse).
+threshold but not yet halfway back has not ended, yet by the corpus rule, "never back above 60 %", it is no collapse);
+a truncation drop that became a length collapse is one fall there, the collapse.
 
 - length_collapse: short level < `collapse_ratio` x reference by `ratio_units` of its own noise (a median of 5
   points of a 2-completion run that merely touches the ratio is noise), and the long level `noise_units` below the
@@ -781,10 +782,13 @@ def verdict(state: dict) -> dict:
                 "episodes": episodes, "unrecovered_step": last["step"] if unrecovered else None}
 
     lowest_length = min((x for x in (length["extreme"], truncation["extreme"]) if x is not None), default=None)
+    collapse, cap_drop = common(length), common(truncation)
+    if collapse["unrecovered_step"] is not None:  # one fall at the end of the log: the collapse it became, not a cap drop
+        cap_drop["unrecovered_step"] = None
     return {
         "length_collapse": {"detected": length["step"] is not None, "step": length["step"],
                             "min_ratio": lowest_length, "untruncated_ratio": length.get("untruncated_ratio"),
-                            **common(length)},
+                            **collapse},
         "hockey_stick": {"detected": hockey["step"] is not None, "drop_step": hockey["step"],
                          "depth": hockey["depth"], **common(hockey)},
         "entropy_collapse": {"detected": entropy["step"] is not None, "step": entropy["step"],
@@ -795,7 +799,7 @@ def verdict(state: dict) -> dict:
                             "truncated_rate_before": truncation.get("truncated_before"),
                             "truncated_rate_after": truncation.get("truncated_after"),
                             "untruncated_ratio": truncation.get("untruncated_ratio"),
-                            "length_cap": state["cap"] or state["max_length"], **common(truncation)},
+                            "length_cap": state["cap"] or state["max_length"], **cap_drop},
         "steps": state["steps"],
         # The references the verdicts are measured against: at the detection, else at the lowest point.
         "baseline_length": length["reference"] if length["step"] is not None else
