@@ -272,8 +272,9 @@ def test_real_runs_raise_what_their_labels_say_and_nothing_else(curve):
 def test_diagnose_reads_no_collapse_that_stayed_in_a_healthy_finished_log():
     # A finished log, read as diagnose reports it: a length or entropy collapse that stayed is a raise still open at
     # the end with its level below its threshold there. Four healthy runs' falls are raised live (DISAGREE); three of
-    # them end back above the threshold (cppywh-*, shamanez-...-signed-ema, shibukizero-...-lr4e-5-400), the
-    # fourth (katop-...-tau1) is a reward hockey stick, recovered, that the rule's first window cannot see.
+    # them end back above the threshold (cppywh-*, shamanez-...-signed-ema, shibukizero-...-lr4e-5-400), and the
+    # fourth's (katop-...-tau1) length dip ended; its reward crash, a recovered hockey stick the rule's first window
+    # cannot see, stays a hockey stick (one that recovered is still one).
     stayed = []
     for curve in REAL:
         if any(e["present"] for e in curve["label"].values()):
