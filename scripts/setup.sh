@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the pinned environment (OpenRLHF 0.11.2 stack, CPU-only) once per constraints hash in a cache
-# outside the clone, links it as ./.venv and installs this package into it (editable).
+# outside the clone, then gives this clone its own small .venv on top of it with this package installed
+# (editable). Clones and CI runs on one machine share the 6 GB of dependencies, never each other's code.
 # The recipe is ../shared/notes/openrlhf-on-cpu.md; each step says why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,17 @@ if [ ! -f "$env/.complete" ]; then
   pip_in --no-deps openrlhf==0.11.2                              # its pins are met by hand above
   touch "$env/.complete"
 fi
-ln -sfn "$env" .venv
-.venv/bin/pip install --quiet --no-deps --no-build-isolation -e .
-echo "environment ready: .venv -> $env"
+
+# This clone's .venv: the same interpreter, whose site-packages reads the shared one through a .pth line.
+# An editable install into the shared environment would point every clone at the last one set up.
+shared_site=$("$env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+layer=".venv/shared-env.pth"   # where this clone's .venv names the environment it sits on
+if [ -L .venv ] || [ "$(cat "$layer" 2>/dev/null)" != "$shared_site" ]; then
+  rm -rf .venv                 # a link to the shared environment (before 0.3) or a .venv on another one
+  "$env/bin/python" -m venv --without-pip .venv
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "import site; site.addsitedir('$shared_site')" > "$site/_openrlhf_bai_shared_env.pth"
+  echo "$shared_site" > "$layer"
+fi
+.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+echo "environment ready: .venv on $env"
