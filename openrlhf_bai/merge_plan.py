@@ -1,7 +1,9 @@
-"""Planning a BAI merge: every check, reading only configs and safetensors headers, before any tensor is read.
+"""Planning a BAI merge: every check, reading configs, safetensors headers and one matrix's first rows, before any
+tensor is merged.
 
 plan_merge(recipe) -> MergePlan   open each input (checkpoint_io), check architecture / names / shapes / vocabulary
-                                  rows, choose the output dtype, lay the output out in shards, hash the recipe
+                                  rows / that each SFT model is a fine-tune of the base, choose the output dtype, lay
+                                  the output out in shards, hash the recipe
 provenance(plan)                  the record written beside the merged weights (bai_recipe.json)
 """
 
@@ -12,13 +14,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from openrlhf_bai import checkpoint_io as io
 from openrlhf_bai.errors import BAIError
-from openrlhf_bai.recipe import DTYPES, BAIRecipe
+from openrlhf_bai.recipe import DTYPES, BAIRecipe, to_fp32
 
 PROVENANCE = "bai_recipe.json"
 # Bump when the output bytes for the same recipe would change. 2: tensors in the base's storage order (was: by name).
 FORMAT_VERSION = 2
+# Below this cosine similarity an SFT model is not a fine-tune of the base (fixed a priori: see plan_merge).
+LINEAGE_COSINE = 0.2
+LINEAGE_VALUES = 1 << 20  # values of the matrix compared: its first rows, 4 MB in fp32 per input
 
 
 @dataclass(slots=True)
@@ -61,7 +68,7 @@ def _is_vocab_tensor(name: str, shapes: list[tuple], inputs: list[io.Checkpoint]
 
 
 def plan_merge(recipe: BAIRecipe) -> MergePlan:
-    """Every check the merge needs, reading only configs and safetensors headers."""
+    """Every check the merge needs, reading configs, safetensors headers and the first rows of one matrix."""
     recipe.validate()
     paths = recipe.inputs()
     inputs = [io.open_checkpoint(p, label) for p, label in zip(paths, labels(recipe))]
@@ -113,6 +120,28 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
             bytes_to_read += sum(io.nbytes(i.shape, i.dtype) for i in infos)
         tensors.append(t)
         sizes.append(io.nbytes(t.shape, t.dtype))
+
+    # A wrong base (another pretraining of the same architecture, e.g. Qwen2 for Qwen2.5) passes every check above and
+    # merges into noise. Fine-tunes of one base keep a projection matrix nearly parallel to it (cosine above 0.9);
+    # weights grown from another initialization are orthogonal in this many dimensions (cosine within 1/sqrt(n) of 0).
+    probe = next((t for t in tensors if t.merged and len(t.shape) == 2 and t.shape[0] * t.shape[1] >= 4096
+                  and len(set(t.rows)) == 1 and t.shape[0] != base.config.get("vocab_size")), None)
+    if probe is not None:
+        n = min(probe.shape[0], max(1, LINEAGE_VALUES // probe.shape[1]))
+        try:
+            first = [to_fp32(io.read_rows(c, probe.name, 0, n), c.tensors[probe.name].dtype,
+                             np.empty(n * probe.shape[1], np.float32)).astype(np.float64) for c in inputs]
+        finally:  # a plan that is never merged (a dry run, a cache look-up) holds no open files
+            for c in inputs:
+                io.close(c)
+        for c, x in zip(inputs[1:], first[1:]):
+            norms = float(np.linalg.norm(first[0]) * np.linalg.norm(x))
+            cosine = float(first[0] @ x) / norms if norms else 1.0
+            if cosine < LINEAGE_COSINE:
+                raise BAIError(f"{c.label} is not a fine-tune of {base.label}: {probe.name} has cosine similarity "
+                               f"{cosine:.2f} between them (fine-tunes of one base stay above 0.9, separately "
+                               "pretrained models are near 0); the base must be the model the SFT models were "
+                               "trained from (--base, launcher: --bai.base)")
 
     # Shards as transformers lays them out: close a shard when the next tensor would pass the limit.
     limit, shards, current, size = io.parse_size(recipe.max_shard_size), [], [], 0

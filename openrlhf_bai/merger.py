@@ -1,7 +1,7 @@
 """The BAI merge, read top to bottom; each part lives in its own module, as mergekit keeps I/O apart from arithmetic:
 
 checkpoint_io   reading inputs: local directories and hub ids, safetensors headers checked, tensors read by pread
-merge_plan      plan_merge(recipe): every check, from configs and headers only, before any tensor is read
+merge_plan      plan_merge(recipe): every check, from configs, headers and one matrix's first rows, before any merging
 merge_stream    write_merge(plan, dir): the arithmetic streamed slice by slice into shards on a thread pool
 atomic_dir      write_dir(out, write): lock, temporary directory beside out, rename into place, leftovers of killed
                 merges removed, SIGTERM and Ctrl-C cleaned up

@@ -387,7 +387,7 @@ def run_probe(recipe: BAIRecipe, alphas: list[float], prompts_file, *, reasoning
         check_output_file(json_path, inputs, "--json")
 
     recipes = [dataclasses.replace(recipe, alpha=a) for a in alphas]
-    plans = [plan_merge(r) for r in recipes]  # every merge check, reading headers only
+    plans = [plan_merge(r) for r in recipes]  # every merge check, before any merging
     plan = plans[0]
     tokenizer_dir = plan.inputs[plan.tokenizer_src].directory
     try:

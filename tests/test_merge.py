@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
 
 from openrlhf_bai import BAIRecipe, merge
 from openrlhf_bai.cli.main import main as cli
-from openrlhf_bai.toy import write_family
+from openrlhf_bai.toy import write_family, write_model
 
 
 def state_dict(directory) -> dict:
@@ -228,6 +229,10 @@ def reshape(sd):
     sd["model.layers.0.self_attn.o_proj.weight"] = sd["model.layers.0.self_attn.o_proj.weight"][:, :-1].contiguous()
 
 
+def another_pretraining(d: Path):  # what a wrong --base looks like: the same architecture, another initialization
+    write_model(d, AutoConfig.from_pretrained(d), seed=7)
+
+
 BAD_FILES = {
     "truncated": (truncate, ["truncated or corrupt", "model.safetensors"]),
     "corrupt": (corrupt_header, ["corrupt", "model.safetensors"]),
@@ -237,6 +242,7 @@ BAD_FILES = {
     "shape": (edit(reshape), ["shape mismatch", "model.layers.0.self_attn.o_proj.weight"]),
     "names": (edit(lambda sd: sd.pop("model.layers.1.post_attention_layernorm.weight")),
               ["names differ", "model.layers.1.post_attention_layernorm.weight"]),
+    "not a fine-tune": (another_pretraining, ["sft[2]", "is not a fine-tune of base", "cosine similarity", "--base"]),
 }
 
 

@@ -106,7 +106,7 @@ def init_actor(args) -> None:
     recipe = recipe_from_flags(bai, sft=sft)
     from openrlhf_bai.merger import cache_dir_for, plan_merge
 
-    plan = plan_merge(recipe)  # every check, reading headers only
+    plan = plan_merge(recipe)  # every check, before any merging
     out = Path(bai.output_dir).expanduser().absolute() if bai.output_dir else cache_dir_for(recipe, plan)
     say_before_merge(args, plan, out)
     merged = str(materialize(recipe, bai, plan, out))
