@@ -121,8 +121,8 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
         tensors.append(t)
         sizes.append(io.nbytes(t.shape, t.dtype))
 
-    # A wrong base (another pretraining of the same architecture, e.g. Qwen2 for Qwen2.5) passes every check above and
-    # merges into noise. Fine-tunes of one base keep a projection matrix nearly parallel to it (cosine above 0.9);
+    # A wrong base (another pretraining of the same architecture and shapes) passes every check above and merges into
+    # noise. Fine-tunes of one base keep a projection matrix nearly parallel to it (cosine above 0.9);
     # weights grown from another initialization are orthogonal in this many dimensions (cosine within 1/sqrt(n) of 0).
     probe = next((t for t in tensors if t.merged and len(t.shape) == 2 and t.shape[0] * t.shape[1] >= 4096
                   and len(set(t.rows)) == 1 and t.shape[0] != base.config.get("vocab_size")), None)
