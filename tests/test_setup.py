@@ -30,8 +30,19 @@ def test_setting_up_a_second_clone_leaves_this_one_running_its_own_code(tmp_path
     for name in ("constraints.txt", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, clone / name)
 
-    proc = subprocess.run(["bash", "scripts/setup.sh"], cwd=clone, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OPENRLHF_BAI_ENV_CACHE": str(cache)})
+    def setup():
+        return subprocess.run(["bash", "scripts/setup.sh"], cwd=clone, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "OPENRLHF_BAI_ENV_CACHE": str(cache)})
+
+    # A .venv the user made by hand is theirs: refused in one line and left as it was.
+    (clone / ".venv").mkdir()
+    (clone / ".venv" / "mine").write_text("kept")
+    proc = setup()
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "was not made by this script" in proc.stderr
+    assert (clone / ".venv" / "mine").read_text() == "kept"
+    shutil.rmtree(clone / ".venv")
+
+    proc = setup()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "building environment" not in proc.stdout  # the same pins reuse the shared environment
     assert f".venv on {shared_site.parents[2]}" in proc.stdout
