@@ -125,7 +125,8 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
     # noise. Fine-tunes of one base keep a projection matrix nearly parallel to it (cosine above 0.9);
     # weights grown from another initialization are orthogonal in this many dimensions (cosine within 1/sqrt(n) of 0).
     probe = next((t for t in tensors if t.merged and len(t.shape) == 2 and t.shape[0] * t.shape[1] >= 4096
-                  and len(set(t.rows)) == 1 and t.shape[0] != base.config.get("vocab_size")), None)
+                  and len(set(t.rows)) == 1
+                  and not _is_vocab_tensor(t.name, [c.tensors[t.name].shape for c in inputs], inputs)), None)
     if probe is not None:
         n = min(probe.shape[0], max(1, LINEAGE_VALUES // probe.shape[1]))
         try:
