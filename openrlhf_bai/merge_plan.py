@@ -83,10 +83,27 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
             raise BAIError(f"architecture differs: {base.label} is {arch[0]} ({arch[1]}), "
                            f"{c.label} is {other[0]} ({other[1]})")
 
-    # Tied embeddings: lm_head is the embedding, so a copy that only some inputs saved is dropped.
+    # Tied embeddings: a tied input's output head is its embedding (a copy it saved is not what transformers loads).
+    # All tied: the merge is tied, lm_head is dropped. Tied and untied mixed (Qwen2.5-Math-1.5B, tied, and
+    # DeepSeek-R1-Distill-Qwen-1.5B, untied): the merge is untied, and each tied input's embedding is its lm_head.
+    tied = [c.config.get("tie_word_embeddings") is True or "lm_head.weight" not in c.tensors for c in inputs]
+    heads_from = None
+    if all(tied):
+        for c in inputs:
+            c.tensors.pop("lm_head.weight", None)
+    elif any(tied):
+        untied = next(c for c, t in zip(inputs, tied) if not t)
+        head = untied.tensors["lm_head.weight"]
+        shared = set.intersection(*(set(c.tensors) for c in inputs)) - {"lm_head.weight"}
+        embeddings = [n for n in sorted(shared) if untied.tensors[n].shape == head.shape]
+        if len(embeddings) != 1:
+            raise BAIError(f"cannot tell the input embedding that is the output head of the tied inputs "
+                           f"({', '.join(c.label for c, t in zip(inputs, tied) if t)}): "
+                           f"{some(embeddings) or 'no tensor'} has lm_head.weight's shape {list(head.shape)}")
+        heads_from = [embeddings[0] if t else "lm_head.weight" for t in tied]
+        for c, source in zip(inputs, heads_from):
+            c.tensors["lm_head.weight"] = c.tensors[source]  # read the embedding's bytes as this input's head
     names_per_input = [set(c.tensors) for c in inputs]
-    if inputs[config_src].config.get("tie_word_embeddings", False):
-        names_per_input = [n - {"lm_head.weight"} for n in names_per_input]
     for c, names in zip(inputs[1:], names_per_input[1:]):
         if names != names_per_input[0]:
             raise BAIError(
@@ -163,6 +180,8 @@ def plan_merge(recipe: BAIRecipe) -> MergePlan:
         "inputs": [c.fingerprint for c in inputs],
         "tokenizer": _tokenizer_digest(inputs[tokenizer_src].directory),
     }
+    if heads_from:  # only where tied and untied inputs mix (before 0.3 refused, or tied dropping the untied heads)
+        key["heads_from"] = heads_from
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return MergePlan(recipe, inputs, tensors, list(zip(names, shards)), out_dtype, config_src, tokenizer_src, digest,
                      bytes_to_read, sum(sizes))

@@ -41,6 +41,8 @@ def output_files(plan: MergePlan) -> dict[str, bytes | Path]:
         weight_map = {t.name: shard for shard, entries in plan.shards for t in entries}
         files[io.INDEX_NAME] = json_bytes({"metadata": {"total_size": plan.bytes_to_write}, "weight_map": weight_map})
     config = dict(plan.inputs[plan.config_src].config)
+    if config.get("tie_word_embeddings") and any(t.name == "lm_head.weight" for t in plan.tensors):
+        config["tie_word_embeddings"] = False  # tied and untied inputs merge into a model with its own head
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = {
         "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.out_dtype]
     files["config.json"] = json_bytes(config)

@@ -97,6 +97,30 @@ def test_sharded_tied_moe_merge_keeps_layout_and_loads(moe_family, tmp_path):
     assert model.config.tie_word_embeddings and type(model).__name__ == "Qwen2MoeForCausalLM"
 
 
+def test_tied_and_untied_inputs_merge_into_an_untied_model(tmp_path):
+    # The paper's recipe at 1.5B: Qwen2.5-Math-1.5B (the base) and -Instruct tie lm_head to the embedding,
+    # DeepSeek-R1-Distill-Qwen-1.5B stores its own. A tied model's output head is its embedding.
+    from transformers import AutoModelForCausalLM
+
+    from openrlhf_bai.toy import model_config, write_tokenizer
+
+    vocab = write_tokenizer(tmp_path / "tok")
+    tied, untied = model_config("qwen2", vocab, tied=True), model_config("qwen2", vocab, tied=False)
+    base = write_model(tmp_path / "base", tied, tokenizer_dir=tmp_path / "tok")
+    distill = write_model(tmp_path / "distill", untied, finetune_seed=1, tokenizer_dir=tmp_path / "tok")
+    instruct = write_model(tmp_path / "instruct", tied, finetune_seed=2, tokenizer_dir=tmp_path / "tok")
+    b, d, i = state_dict(base), state_dict(distill), state_dict(instruct)
+    assert "lm_head.weight" not in b and "lm_head.weight" in d
+    head = expected_bai(b["model.embed_tokens.weight"], [d["lm_head.weight"], i["model.embed_tokens.weight"]],
+                        [0.5, 0.5], 0.5, torch.bfloat16)
+    for sft in ((distill, instruct), (instruct, distill)):  # config from the untied model, then from a tied one
+        out = merge(BAIRecipe(base=base, sft=sft, alpha=0.5), tmp_path / f"bai-{sft[0].name}", progress=False)
+        assert torch.equal(state_dict(out)["lm_head.weight"], head)
+        model = AutoModelForCausalLM.from_pretrained(str(out))
+        assert not model.config.tie_word_embeddings and torch.equal(model.lm_head.weight.data, head)
+        assert not torch.equal(model.lm_head.weight.data, model.model.embed_tokens.weight.data)
+
+
 def test_dtype_option_and_provenance(llama_family, tmp_path):
     f = llama_family
     recipe = BAIRecipe(base=f["base"], sft=(f["sft_instruct"], f["sft_reasoning"]), alpha=0.5, dtype="fp32",
