@@ -98,8 +98,8 @@ def test_sharded_tied_moe_merge_keeps_layout_and_loads(moe_family, tmp_path):
 
 
 def test_tied_and_untied_inputs_merge_into_an_untied_model(tmp_path):
-    # The paper's recipe at 1.5B: Qwen2.5-Math-1.5B (the base) and -Instruct tie lm_head to the embedding,
-    # DeepSeek-R1-Distill-Qwen-1.5B stores its own. A tied model's output head is its embedding.
+    # The paper's recipe on public 1.5B models: Qwen2.5-Math-1.5B (the base) and -Instruct tie lm_head to the
+    # embedding, DeepSeek-R1-Distill-Qwen-1.5B stores its own. A tied model's output head is its embedding.
     from transformers import AutoModelForCausalLM
 
     from openrlhf_bai.toy import model_config, write_tokenizer
