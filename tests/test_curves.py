@@ -201,6 +201,15 @@ DISAGREE = {
     # A flat 4-sample reward whose rule-made fall (borderline) is a ~70-step bump around one 0.85 outlier: raised only
     # on a 4-step dip at step 460.
     ("harleycoops-qwen35-4b-tinker-grpo-cree-dictionary-1200", "hockey_stick"): "late",
+    # Batch 29. A 23-point log: the rule's 2-point window makes one 452-nat spike at step 60 the onset; the KL's level
+    # is above 1 nat from step 90 and raised at its third point, 110.
+    ("daniil-qwen25-05b-grpo-gsm8k-two-rewards", "kl_blowup"): "late",
+    # Rewards of 0.7-8.75 at 2 samples a step (noise 1.5 a point): the sag from 5.4 to 3.3 stays 0.2 noise units short.
+    ("qhy991-qwen3-8b-grpo-verilog-curriculum-600", "hockey_stick"): "miss",
+    # One prompt a step; thinking stops from step 27 and the entropy with it (by eye). The rule's onsets (94 for the
+    # length, 84 for the entropy) lag that; raised at 78 and 35.
+    ("widodu-qwen3-17b-grpo-bfcl-think-gate-lam2", "length_collapse"): "early",
+    ("widodu-qwen3-17b-grpo-bfcl-think-gate-lam2", "entropy_collapse"): "early",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
