@@ -443,6 +443,18 @@ def test_trl_console_and_trainer_state_written_by_transformers(tmp_path, capsys)
     assert not any(v["hockey_stick"]["detected"] or v["entropy_collapse"]["detected"] for v in verdicts)
 
 
+def test_trl_console_of_an_unsloth_run_counts_only_the_trainers_dicts(tmp_path):
+    # Unsloth prints its 4-bit vLLM config as a dict before training (as in the daniil-* logs of the corpus); read as
+    # a log point, it would shift every step by one logging interval.
+    console, _ = write_trainer_logs(tmp_path, trl_entries())
+    unsloth = ("Unsloth: vLLM Bitsandbytes config using kwargs = {'load_in_8bit': False, 'load_in_4bit': True, "
+               "'bnb_4bit_compute_dtype': 'float16', 'llm_int8_skip_modules': [], 'llm_int8_threshold': 6.0}\n")
+    console.write_text(unsloth + console.read_text())
+    kind, rows = read_rows(console, logging_steps=10)
+    assert kind == "trl" and [s for s, _ in rows] == list(range(10, 130, 10))
+    assert rows[0][1]["completions/mean_length"] == 600.0 and "llm_int8_threshold" not in rows[0][1]
+
+
 def test_any_csv_or_jsonl_with_named_columns(tmp_path, capsys):
     path = tmp_path / "export.csv"
     path.write_text("iteration,len,score\n" + "".join(

@@ -245,8 +245,11 @@ def _read_trl(path: Path, logging_steps: int) -> list:
         if not match:
             continue
         metrics = {_strip(key): float(value) for key, value in DICT_ITEM.findall(match.group(1))}
-        # The Trainer also prints evaluation dicts (eval_*) and a closing summary (train_runtime, ...).
-        if not any(key.startswith(("eval_", "train_runtime")) for key in metrics) and metrics:
+        # The Trainer also prints evaluation dicts (eval_*) and a closing summary (train_runtime, ...); other dicts on
+        # the console (Unsloth's "vLLM Bitsandbytes config using kwargs = {...}") are no log point and would shift
+        # every step: a training log holds its loss or epoch (Trainer.log adds the epoch to each).
+        if ("loss" in metrics or "epoch" in metrics) and not any(key.startswith(("eval_", "train_runtime"))
+                                                                 for key in metrics):
             rows.append(((len(rows) + 1) * logging_steps, metrics))
     return rows
 
