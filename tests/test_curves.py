@@ -455,6 +455,14 @@ def test_trl_console_of_an_unsloth_run_counts_only_the_trainers_dicts(tmp_path):
     assert rows[0][1]["completions/mean_length"] == 600.0 and "llm_int8_threshold" not in rows[0][1]
 
 
+def test_the_log_history_list_alone_reads_as_its_trainer_state(tmp_path):
+    # Scripts save json.dump(trainer.state.log_history, f) (as the widodu-* and atharva-* runs of the corpus did).
+    _, state = write_trainer_logs(tmp_path, trl_entries())
+    history = tmp_path / "log_history.json"
+    history.write_text(json.dumps(json.loads(state.read_text())["log_history"], indent=2))
+    assert read_rows(history) == read_rows(state)
+
+
 def test_any_csv_or_jsonl_with_named_columns(tmp_path, capsys):
     path = tmp_path / "export.csv"
     path.write_text("iteration,len,score\n" + "".join(

@@ -10,7 +10,8 @@ Kinds:
   colour codes included).
 - trl: the dicts a Hugging Face Trainer (TRL's GRPO/PPO trainers) prints, `{'loss': 0.01, 'reward': 0.41, ...}`.
   They carry no step: the n-th dict is step n x `logging_steps` (default 1: steps are log points).
-- trainer-state: a Hugging Face Trainer's `trainer_state.json` (`log_history`, each entry with its `step`).
+- trainer-state: a Hugging Face Trainer's `trainer_state.json` (`log_history`, each entry with its `step`), or that list
+  alone as scripts save it (`json.dump(trainer.state.log_history, f)`).
 - tensorboard: a directory written by OpenRLHF's TensorboardLogger (`train/<name>` scalars), or one event file.
 - wandb-csv / csv: a wandb CSV export (the run's history: `_step`, `train/global_step`, `train/...`; or a panel:
   `Step`, `<run> - train/...` with `__MIN`/`__MAX`), or any CSV with a step column.
@@ -56,8 +57,8 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
         return "tensorboard"
     head = _read_text(path, limit=DETECT_BYTES)
     first_line = next((line for line in head.splitlines() if line.strip()), "").strip()
-    if first_line.startswith("{") and '"log_history"' in head:
-        return "trainer-state"
+    if first_line.startswith("{") and '"log_history"' in head or first_line.startswith("[") and '"step"' in head:
+        return "trainer-state"  # or the log_history list alone (json.dump(trainer.state.log_history, f))
     if first_line.startswith("{\""):
         return "jsonl"
     clean = ANSI_ESCAPE.sub("", head)
@@ -256,10 +257,11 @@ def _read_trl(path: Path, logging_steps: int) -> list:
 
 def _read_trainer_state(path: Path) -> list:
     try:
-        history = json.loads(_read_text(path)).get("log_history")
+        state = json.loads(_read_text(path))
+        history = state if isinstance(state, list) else state.get("log_history")
     except (json.JSONDecodeError, AttributeError):
-        raise BAIError(f"{path}: not a trainer_state.json (cut off?); expected a JSON object with log_history") \
-            from None
+        raise BAIError(f"{path}: not a trainer_state.json (cut off?); expected a JSON object with log_history, or "
+                       "that list alone") from None
     if not isinstance(history, list):
         raise BAIError(f"{path}: no log_history list; expected a Hugging Face Trainer's trainer_state.json")
     rows: list = []
