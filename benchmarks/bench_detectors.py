@@ -400,8 +400,10 @@ def main(argv=None) -> int:
         ensure_deps()
         contenders.update({"PELT (ruptures, offline)": pelt, "rlwatch 0.5.1": rlwatch})
 
-    found = {method: {curve["name"]: detect(curve, th) for curve in real + synthetic}
-             for method, detect in contenders.items()}
+    curves = real + synthetic
+    with multiprocessing.Pool() as pool:  # the curves of each contender shared among the cores
+        found = {method: dict(zip([c["name"] for c in curves], pool.starmap(detect, [(c, th) for c in curves], 16)))
+                 for method, detect in contenders.items()}
     chosen, loso_found = loso(real, th)
     results = {method: outcomes_of(real + synthetic, found[method], th) for method in contenders}
     results["openrlhf-bai (LOSO)"] = outcomes_of(real, loso_found, th)
