@@ -540,3 +540,57 @@ def test_plot_is_written_in_the_format_of_its_suffix(tmp_path, capsys, suffix, m
     status, _, _ = diagnose(capsys, run, "--plot", plot)
     assert status == 0 and plot.read_bytes().startswith(magic)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.jsonl", plot.name])
+
+
+# Published logs as they are (found reading the corpus runs' original files: tests/data/curves/*/provenance.json).
+
+def test_a_trainer_dict_followed_by_tqdm_redraws_on_its_line_is_read(tmp_path):
+    # ningguo-*'s grpo.log: tqdm redraws its bar with \r after the dict, on the same line; reading only the text after
+    # the last \r dropped that log and shifted every later step.
+    path = write_trl_log(tmp_path / "trl.log")
+    lines = path.read_text().splitlines()
+    lines[5] += "\r 33%|███▎      | 620/1875 [12:34:10<27:20:09, 78.41s/it]\r" + " " * 20 + "\r"
+    lines[6] = " 34%|███▍      | 630/1875 [12:47:12<27:05:10, 78.30s/it]\r" + lines[6]
+    path.write_text("\n".join(lines) + "\n")
+    kind, rows = read_rows(path)
+    assert kind == "trl" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert [m["completion_length"] for _, m in rows] == [length for _, length, _ in series("collapsing")]
+
+
+def test_only_a_training_dict_makes_a_console_log_a_trl_log(tmp_path, capsys):
+    # A CS336-style loop prints `histogram: {...}` dicts: not a Trainer's log, so the kind is unknown (one line saying
+    # so), not a TRL log without steps.
+    path = tmp_path / "loop.log"
+    path.write_text("step 1 reward 0.5\nhistogram: {'0': 12, '1': 20}\n")
+    status, _, err = diagnose(capsys, path)
+    assert status == 1 and "not a training log of a known format" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stray_nul_bytes_in_a_text_log_are_not_a_binary_file(tmp_path):
+    # eric-haibin-lin/verl-data's resp256 log: NCCL ends two lines with a NUL byte.
+    path = write_verl_log(tmp_path / "verl.log")
+    nccl = "(WorkerDict pid=9) ProcessGroupNCCL created ncclComm_ 0xab8cf20 on CUDA device: \x00\n"
+    path.write_text(nccl * 2 + path.read_text())
+    kind, rows = read_rows(path)
+    assert kind == "verl" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+
+
+def test_an_event_file_named_otherwise_is_read_as_tensorboard_reads_it(tmp_path):
+    # zz1358m-*-8k: events.grpoout.tfevents.<time>.<host>; TensorBoard reads any file whose name holds "tfevents".
+    run = write_tensorboard(tmp_path / "tb", "collapsing")
+    event_file = next(run.glob("events.out.tfevents.*"))
+    renamed = event_file.rename(run / event_file.name.replace("events.out.", "events.grpoout."))
+    assert read_rows(renamed) == read_rows(run) == ("tensorboard", read_rows(run)[1])
+    assert [step for step, _ in read_rows(run)[1]] == list(range(1, STEPS + 1))
+
+
+def test_verls_file_logger_jsonl_is_read_with_its_metrics(tmp_path, capsys):
+    # verl's FileLogger (verl/utils/tracking.py) writes json.dumps({"step": step, "data": data}) per line.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "data": {
+        "response_length/mean": length, "critic/score/mean": reward, "actor/entropy": 0.5}}) + "\n"
+        for step, length, reward in series("collapsing")))
+    kind, rows = read_rows(path)
+    assert kind == "jsonl" and rows[0][1]["response_length/mean"] == series("collapsing")[0][1]
+    status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out

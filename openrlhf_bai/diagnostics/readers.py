@@ -48,12 +48,12 @@ DICT_ITEM = re.compile(r"'([^'\\]+)':\s*'?(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(
 VERL_ITEM = re.compile(r"([^\s:][^:]*?):(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"\)?(?: - |\s*$)")
 WANDB_STEP_COLUMNS = ("train/global_step", "Step", "_step")  # most exact first
 STEP_KEYS = WANDB_STEP_COLUMNS + ("step", "global_step", "trainer/global_step")
-EVENT_FILE_GLOB = "events.out.tfevents.*"
+EVENT_FILE_GLOB = "*tfevents*"  # as TensorBoard: any file whose name holds "tfevents"
 DETECT_BYTES = 4 << 20  # enough to get past a long start-up before the first logged step
 
 
 def detect_kind(path: Path, step_key: str | None = None) -> str:
-    if path.is_dir() or EVENT_FILE_GLOB.rstrip("*") in path.name:
+    if path.is_dir() or "tfevents" in path.name:
         return "tensorboard"
     head = _read_text(path, limit=DETECT_BYTES)
     first_line = next((line for line in head.splitlines() if line.strip()), "").strip()
@@ -66,7 +66,7 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
         return "stdout"
     if re.search(VERL_LINE.pattern, clean, re.MULTILINE):
         return "verl"
-    if re.search(TRL_LINE.pattern, clean, re.MULTILINE):
+    if any(_trl_log(segment) for segment in re.split(r"[\r\n]", clean)):
         return "trl"
     header = [column.strip() for column in next(csv.reader([first_line]), [])]
     if len(header) > 1:
@@ -109,9 +109,10 @@ def _read_text(path: Path, limit: int = -1) -> str:
         raise BAIError(f"{path}: cannot read ({e.strerror or e})") from None
     if not data.strip():
         raise BAIError(f"{path}: file is empty; expected {EXPECTED}")
-    if b"\x00" in data[:65536]:
+    # A binary file is full of NUL bytes; a text log may hold a stray one (NCCL ends a line with \x00 on some hosts).
+    if data[:65536].count(b"\x00") * 100 > len(data[:65536]):
         raise BAIError(f"{path}: binary file; expected {EXPECTED}")
-    return data.decode("utf-8-sig", errors="replace")
+    return data.replace(b"\x00", b"").decode("utf-8-sig", errors="replace")
 
 
 def _read_lines(path: Path) -> str:
@@ -182,7 +183,8 @@ def _read_jsonl(path: Path, step_key: str | None = None) -> list:
             raise BAIError(f"{path}:{lineno}: no {wanted} in this line; expected one {{\"step\": N, ...}} per line")
         if not math.isfinite(step):
             continue  # a NaN or infinite step, as in every reader: no step to put it at
-        metrics = {_strip(name): _number(value) for name, value in record.items() if name not in keys}
+        values = record["data"] if isinstance(record.get("data"), dict) else record  # verl: {"step": N, "data": {...}}
+        metrics = {_strip(name): _number(value) for name, value in values.items() if name not in keys}
         _append(rows, int(step), {name: value for name, value in metrics.items() if value is not None})
     return rows
 
@@ -239,19 +241,26 @@ def _read_verl(path: Path) -> list:
     return rows
 
 
+def _trl_log(segment: str) -> dict | None:
+    """The metrics of the Trainer's log dict at the end of `segment`, or None. The Trainer also prints evaluation dicts
+    (eval_*) and a closing summary (train_runtime, ...), and other dicts share the console (Unsloth's "vLLM
+    Bitsandbytes config using kwargs = {...}"), which would shift every step: a training log holds its loss or its
+    epoch (Trainer.log adds the epoch to each)."""
+    match = TRL_LINE.search(segment.rstrip())
+    metrics = {_strip(key): float(value) for key, value in DICT_ITEM.findall(match.group(1))} if match else {}
+    training = ("loss" in metrics or "epoch" in metrics) and not any(
+        key.startswith(("eval_", "train_runtime")) for key in metrics)
+    return metrics if training else None
+
+
 def _read_trl(path: Path, logging_steps: int) -> list:
     rows: list = []
     for line in _read_lines(path).split("\n"):
-        match = TRL_LINE.search(ANSI_ESCAPE.sub("", line).split("\r")[-1].rstrip())
-        if not match:
-            continue
-        metrics = {_strip(key): float(value) for key, value in DICT_ITEM.findall(match.group(1))}
-        # The Trainer also prints evaluation dicts (eval_*) and a closing summary (train_runtime, ...); other dicts on
-        # the console (Unsloth's "vLLM Bitsandbytes config using kwargs = {...}") are no log point and would shift
-        # every step: a training log holds its loss or epoch (Trainer.log adds the epoch to each).
-        if ("loss" in metrics or "epoch" in metrics) and not any(key.startswith(("eval_", "train_runtime"))
-                                                                 for key in metrics):
-            rows.append(((len(rows) + 1) * logging_steps, metrics))
+        # tqdm redraws its bar with \r on the line the dict was written to, after it as well as before it
+        for segment in ANSI_ESCAPE.sub("", line).split("\r"):
+            metrics = _trl_log(segment)
+            if metrics:
+                rows.append(((len(rows) + 1) * logging_steps, metrics))
     return rows
 
 
