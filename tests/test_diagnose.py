@@ -594,3 +594,46 @@ def test_verls_file_logger_jsonl_is_read_with_its_metrics(tmp_path, capsys):
     assert kind == "jsonl" and rows[0][1]["response_length/mean"] == series("collapsing")[0][1]
     status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
     assert status == 3 and "YES at step" in out
+
+
+def write_notebook(path: Path, shape: str, monkeypatch) -> Path:
+    """A notebook saved with the table transformers' notebook callback draws in the training cell (as Unsloth's GRPO
+    notebooks draw it, with every logged metric; "/" in a name spaced out), by transformers' own text_to_html_table.
+    IPython is not a dependency here: a stand-in lets transformers.utils.notebook import, its display is not used."""
+    ipython = SimpleNamespace(display=SimpleNamespace(HTML=str, display=lambda *a, **k: None))
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "IPython.display", ipython.display)
+    from transformers.utils.notebook import text_to_html_table
+
+    table = [["Step", "Training Loss", "reward", "reward_std", "completions / mean_length", "kl"]]
+    table += [[step, 0.0, reward, 0.2, length, 0.001 * step] for step, length, reward in series(shape)]
+    html = (f"<div><progress value='{STEPS}' max='{STEPS}'></progress> [{STEPS}/{STEPS} 1:40:29, Epoch 0/1]</div>"
+            + text_to_html_table(table))
+    cells = [{"cell_type": "code", "source": ["trainer.train()"], "outputs": [
+        {"output_type": "stream", "name": "stderr", "text": ["==((====))==  Unsloth - 2x faster free finetuning\n"]},
+        {"output_type": "display_data", "metadata": {},
+         "data": {"text/html": html.splitlines(keepends=True), "text/plain": ["<IPython.core.display.HTML object>"]}}]}]
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 0}, indent=1))
+    return path
+
+
+def test_a_notebook_saved_with_its_training_table_is_read(tmp_path, capsys, monkeypatch):
+    # TRL users train in Colab and share the .ipynb (the corpus's 77 notebook runs were extracted from such tables).
+    path = write_notebook(tmp_path / "Qwen2.5_(3B)-GRPO.ipynb", "collapsing", monkeypatch)
+    kind, rows = read_rows(path)
+    assert kind == "notebook" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert rows[0][1]["completions/mean_length"] == pytest.approx(series("collapsing")[0][1], abs=1e-6)  # as printed
+    assert rows[0][1]["loss"] == 0.0 and rows[-1][1]["kl"] == pytest.approx(0.001 * STEPS)
+    status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out
+
+    # The same table pasted into a Markdown file; a notebook saved without outputs is one line saying so.
+    pasted = tmp_path / "training_statistics.md"
+    pasted.write_text("# Training\n\n" + "".join(json.loads(path.read_text())["cells"][0]["outputs"][1]["data"]
+                                                 ["text/html"]))
+    assert read_rows(pasted) == ("notebook", rows)
+    empty = tmp_path / "empty.ipynb"
+    empty.write_text(json.dumps({"cells": [{"cell_type": "code", "source": ["trainer.train()"], "outputs": []}],
+                                 "nbformat": 4}))
+    status, _, err = diagnose(capsys, empty)
+    assert status == 1 and "saved without its outputs" in err and len(err.strip().splitlines()) == 1

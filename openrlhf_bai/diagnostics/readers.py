@@ -16,11 +16,14 @@ Kinds:
 - wandb-csv / csv: a wandb CSV export (the run's history: `_step`, `train/global_step`, `train/...`; or a panel:
   `Step`, `<run> - train/...` with `__MIN`/`__MAX`), or any CSV with a step column.
 - jsonl: the plugin's own log, or any JSON-lines file with a step key.
+- notebook: a Jupyter notebook's saved outputs: the progress table a Trainer draws in the training cell
+  (transformers' NotebookProgressCallback, with every logged metric as Unsloth draws it), else its printed dicts.
 """
 
 from __future__ import annotations
 
 import csv
+import html as htmllib
 import io
 import json
 import math
@@ -29,11 +32,11 @@ from pathlib import Path
 
 from openrlhf_bai.errors import BAIError
 
-KINDS = ("stdout", "verl", "trl", "trainer-state", "tensorboard", "wandb-csv", "csv", "jsonl")
+KINDS = ("stdout", "verl", "trl", "trainer-state", "tensorboard", "wandb-csv", "csv", "jsonl", "notebook")
 EXPECTED = (
     "an OpenRLHF stdout log ('✨ Global step N: {...}'), a verl console log ('step:N - key:value - ...'), "
     "a TRL/Hugging Face console log ({'loss': ...} lines) or trainer_state.json, a TensorBoard event directory, "
-    "or a CSV / JSONL file with a step column"
+    "a CSV / JSONL file with a step column, or a Jupyter notebook with its outputs"
 )
 
 STEP_LINE = re.compile(r"Global step (\d+): (\{.*)$")
@@ -46,6 +49,9 @@ NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf))"
 # Newer transformers print the Trainer's values as strings ('loss': '-0.007415'): an optional quote around it.
 DICT_ITEM = re.compile(r"'([^'\\]+)':\s*'?(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(?![\w.])")
 VERL_ITEM = re.compile(r"([^\s:][^:]*?):(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"\)?(?: - |\s*$)")
+NOTEBOOK_ROW = re.compile(r"<tr[^>]*>(.*?)</tr>", re.S)  # the table transformers' notebook callback draws
+NOTEBOOK_CELL = re.compile(r"<t[hd][^>]*>(.*?)</t[hd]>", re.S)
+NOTEBOOK_STEP = re.compile(r"<th[^>]*>\s*Step\s*</th>")  # its first header, in a notebook or pasted elsewhere
 WANDB_STEP_COLUMNS = ("train/global_step", "Step", "_step")  # most exact first
 STEP_KEYS = WANDB_STEP_COLUMNS + ("step", "global_step", "trainer/global_step")
 EVENT_FILE_GLOB = "*tfevents*"  # as TensorBoard: any file whose name holds "tfevents"
@@ -57,6 +63,8 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
         return "tensorboard"
     head = _read_text(path, limit=DETECT_BYTES)
     first_line = next((line for line in head.splitlines() if line.strip()), "").strip()
+    if path.suffix == ".ipynb" or first_line.startswith("{") and '"nbformat"' in head or NOTEBOOK_STEP.search(head):
+        return "notebook"
     if first_line.startswith("{") and '"log_history"' in head or first_line.startswith("[") and '"step"' in head:
         return "trainer-state"  # or the log_history list alone (json.dump(trainer.state.log_history, f))
     if first_line.startswith("{\""):
@@ -91,7 +99,7 @@ def read_rows(path: str | Path, kind: str | None = None, step_key: str | None = 
         "stdout": _read_stdout, "verl": _read_verl, "trl": lambda p: _read_trl(p, logging_steps),
         "trainer-state": _read_trainer_state, "tensorboard": _read_tensorboard,
         "wandb-csv": lambda p: _read_csv(p, step_key), "csv": lambda p: _read_csv(p, step_key),
-        "jsonl": lambda p: _read_jsonl(p, step_key),
+        "jsonl": lambda p: _read_jsonl(p, step_key), "notebook": lambda p: _read_notebook(p, logging_steps),
     }
     rows = readers[kind](path)
     if not rows:
@@ -262,6 +270,47 @@ def _read_trl(path: Path, logging_steps: int) -> list:
             if metrics:
                 rows.append(((len(rows) + 1) * logging_steps, metrics))
     return rows
+
+
+def _read_notebook(path: Path, logging_steps: int) -> list:
+    text = _read_text(path)
+    outputs: list = [{"data": {"text/html": text}}]  # an HTML page, or a table pasted into Markdown
+    if text.lstrip().startswith("{"):
+        try:
+            cells = json.loads(text).get("cells")
+        except (json.JSONDecodeError, AttributeError):
+            raise BAIError(f"{path}: not a Jupyter notebook (cut off?); expected a JSON object with cells") from None
+        outputs = [output for cell in cells if isinstance(cell, dict) for output in cell.get("outputs") or []
+                   if isinstance(output, dict)] if isinstance(cells, list) else []
+    table_rows: list = []
+    printed: list = []  # Trainer dicts printed as text, for a notebook without a progress table
+    for output in outputs:
+        html = _joined((output.get("data") or {}).get("text/html"))
+        for table in html.split("<table")[1:]:  # up to its end, or the end of a table cut off
+            lines = [[htmllib.unescape(re.sub(r"<[^>]*>", "", c)).strip() for c in NOTEBOOK_CELL.findall(tr)]
+                     for tr in NOTEBOOK_ROW.findall(table.split("</table>")[0])]
+            if not lines or lines[0][:1] != ["Step"]:
+                continue  # not a training table (an evaluation table by epoch, a dataframe)
+            # The headers are the logged names, "/" spaced out ("completions / mean_length"), and the loss.
+            names = [{"Training Loss": "loss"}.get(n, n.replace(" / ", "/")) for n in lines[0]]
+            for values in lines[1:]:
+                step = _number(values[0]) if values else None
+                if step is not None and math.isfinite(step):
+                    metrics = {name: _number(value) for name, value in zip(names[1:], values[1:])}
+                    _append(table_rows, int(step), {k: v for k, v in metrics.items() if v is not None})
+        for segment in re.split(r"[\r\n]", _joined(output.get("text"))):
+            metrics = _trl_log(segment)
+            if metrics:
+                printed.append(((len(printed) + 1) * logging_steps, metrics))
+    if not (table_rows or printed):
+        raise BAIError(f"{path}: no Trainer progress table (Step, Training Loss, ...) or printed Trainer dicts in it "
+                       "(a notebook saved without its outputs?)")
+    return table_rows or printed
+
+
+def _joined(text) -> str:
+    """A notebook's multi-line string: a list of lines or one string."""
+    return "".join(text) if isinstance(text, list) else text if isinstance(text, str) else ""
 
 
 def _read_trainer_state(path: Path) -> list:
