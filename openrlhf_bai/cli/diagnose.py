@@ -102,6 +102,14 @@ def check_outputs(args) -> None:
 def diagnose_run(run: str, args) -> dict:
     """Verdict of one RUN plus what the table, JSON and plot need."""
     kind, rows = read_rows(run, args.kind, step_key=args.step_key, logging_steps=args.logging_steps)
+    if kind in ("stdout", "verl", "trl", "wandb-csv", "csv", "jsonl"):  # the line-based readers: see _read_lines
+        with open(run, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 65536))
+            tail = log.read()
+        if tail[tail.rfind(b"\n") + 1:].strip():  # 7 of 134 published logs end so: their last step would go unseen
+            print(f"openrlhf-bai: warning: {run}: its last line has no newline and is not read (a log being written "
+                  "ends in half a line); if the run has finished, that line is its last step: end the file with one",
+                  file=sys.stderr)
     name_signals(rows, {signal: getattr(args, f"{signal}_key", None) for signal in SIGNAL_KEYS})
     # A step that logged none of the signals (verl's step 0 holds only validation scores) is no training step.
     trained = [row for row in rows if any(first_value(row[1], keys) is not None for keys in SIGNAL_KEYS.values())]
