@@ -446,7 +446,7 @@ def test_a_log_being_written_is_read_up_to_its_last_complete_line(tmp_path, caps
     detected, rows = read_rows(path)
     assert detected == kind and [step for step, _ in rows] == list(range(1, STEPS))
     status, out, err = diagnose(capsys, path, "--fail-on", "collapse")
-    # Said, for a finished log written without a final newline (7 of 134 published ones): its last step is unread.
+    # Said, for a finished log written without a final newline (8 of 134 published ones): its last step is unread.
     assert status == 3 and "YES at step" in out and err.count("\n") == 1
     assert "its last line has no newline and is not read" in err
     assert path.read_bytes() == before

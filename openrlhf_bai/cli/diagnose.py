@@ -106,7 +106,7 @@ def diagnose_run(run: str, args) -> dict:
         with open(run, "rb") as log:
             log.seek(max(0, log.seek(0, os.SEEK_END) - 65536))
             tail = log.read()
-        if tail[tail.rfind(b"\n") + 1:].strip():  # 7 of 134 published logs end so: their last step would go unseen
+        if tail[tail.rfind(b"\n") + 1:].strip():  # 8 of 134 published logs end so: their last step would go unseen
             print(f"openrlhf-bai: warning: {run}: its last line has no newline and is not read (a log being written "
                   "ends in half a line); if the run has finished, that line is its last step: end the file with one",
                   file=sys.stderr)
