@@ -341,6 +341,32 @@ def test_resumed_run_keeps_the_steps_logged_after_the_resume(tmp_path):
     assert [s for s, _ in rows] == list(range(1, 17))
     assert [m["rollout/reward_mean"] for _, m in rows] == [1.0] * 8 + [2.0] * 7 + [3.0]
     assert rows[-1][1] == {"rollout/reward_mean": 3.0, "kl": 0.1}
+    assert rows.restarts == 1  # the resume at step 9; step 16 in two records is no restart
+
+
+def test_a_csv_of_several_runs_reads_as_its_last_and_says_so(tmp_path, capsys):
+    # Logan-Cole-Luna/lean-gym-rl's results/training_metrics.csv: three arms, each from step 1, one after another.
+    arms = [(arm, step, length, reward) for arm in ("outcome", "shaped", "typecheck")
+            for step, length, reward in series("collapsing" if arm == "typecheck" else "healthy")]
+    path = tmp_path / "training_metrics.csv"
+    path.write_text("arm,step,completion_length,reward\n" + "".join(f"{a},{s},{n},{r}\n" for a, s, n, r in arms))
+    _, rows = read_rows(path)
+    assert rows.restarts == 2 and [m["completion_length"] for _, m in rows] == [n for _, n, _ in series("collapsing")]
+    status, out, err = diagnose(capsys, path)
+    assert status == 0 and "YES at step" in out and err.count("\n") == 1
+    assert "its steps go back 2 time(s) (a resumed run, or several runs in one file)" in err
+
+
+def test_a_csv_whose_step_column_has_a_name_of_its_own_says_to_name_it(tmp_path, capsys):
+    # sherrywan717/ppo-vs-grpo-math-rlvr counts its steps in a column called "update".
+    path = tmp_path / "ppo_metrics.csv"
+    path.write_text("update,generated_tokens,reward_mean,completion_length\n"
+                    + "".join(f"{s},{512 * s},{r},{n}\n" for s, n, r in series("collapsing")))
+    status, _, err = diagnose(capsys, path)
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert "a CSV file without a step column" in err and "name it with --step-key (its columns: update," in err
+    status, out, _ = diagnose(capsys, path, "--step-key", "update", "--reward-key", "reward_mean")
+    assert status == 0 and "YES at step" in out
 
 
 BAD_INPUTS = {  # case: (make the file, the error line up to the file's line number, then a phrase that follows)

@@ -110,6 +110,9 @@ def diagnose_run(run: str, args) -> dict:
             print(f"openrlhf-bai: warning: {run}: its last line has no newline and is not read (a log being written "
                   "ends in half a line); if the run has finished, that line is its last step: end the file with one",
                   file=sys.stderr)
+    if getattr(rows, "restarts", 0):
+        print(f"openrlhf-bai: warning: {run}: its steps go back {rows.restarts} time(s) (a resumed run, or several "
+              "runs in one file): the later rows replace the earlier from the step they restart at", file=sys.stderr)
     name_signals(rows, {signal: getattr(args, f"{signal}_key", None) for signal in SIGNAL_KEYS})
     # A step that logged none of the signals (verl's step 0 holds only validation scores) is no training step.
     trained = [row for row in rows if any(first_value(row[1], keys) is not None for keys in SIGNAL_KEYS.values())]

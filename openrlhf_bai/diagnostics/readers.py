@@ -82,6 +82,11 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
             return "wandb-csv"
         if any(column in (step_key, *STEP_KEYS) for column in header):
             return "csv"
+        second = next((line for line in head.splitlines()[1:] if line.strip()), "")
+        if len(next(csv.reader([second]), [])) == len(header):  # a table, whose step column has a name of its own
+            columns = ", ".join(header[:6]) + (", ..." if len(header) > 6 else "")
+            raise BAIError(f"{path}: a CSV file without a step column (looked for {', '.join(STEP_KEYS)}); name "
+                           f"it with --step-key (its columns: {columns})")
     raise BAIError(f"{path}: not a training log of a known format; expected {EXPECTED}")
 
 
@@ -130,14 +135,20 @@ def _read_lines(path: Path) -> str:
     return text[: text.rfind("\n") + 1]
 
 
-def _append(rows: list, step: int, metrics: dict) -> None:
+class Rows(list):
+    """(step, metrics) rows in step order, and how often the log went back to an earlier step (`restarts`)."""
+    restarts = 0
+
+
+def _append(rows: Rows, step: int, metrics: dict) -> None:
     """Add one step. The same step again (wandb writes one step in several rows) adds to it. An earlier step
-    means the run was resumed from an earlier checkpoint: the new attempt replaces the old one from that step on,
-    as TensorBoard does on a restart."""
+    means the run was resumed from an earlier checkpoint (or the file holds several runs): the new attempt replaces
+    the old one from that step on, as TensorBoard does on a restart, and is counted in rows.restarts."""
     restarted = False
     while rows and rows[-1][0] > step:
         rows.pop()
         restarted = True
+    rows.restarts += restarted
     if rows and rows[-1][0] == step:
         old_step, old_metrics = rows.pop()
         metrics = metrics if restarted else {**old_metrics, **metrics}
@@ -154,7 +165,7 @@ def _number(value) -> float | None:
 
 
 def _read_stdout(path: Path) -> list:
-    rows: list = []
+    rows = Rows()
     # Split on newlines only: tqdm's \r redraws share a line with the logger's output, and line numbers stay
     # the ones an editor shows.
     for lineno, line in enumerate(_read_lines(path).split("\n"), 1):
@@ -173,7 +184,7 @@ def _read_stdout(path: Path) -> list:
 
 
 def _read_jsonl(path: Path, step_key: str | None = None) -> list:
-    rows: list = []
+    rows = Rows()
     keys = (step_key,) if step_key else STEP_KEYS
     for lineno, line in enumerate(_read_lines(path).split("\n"), 1):
         if not line.strip():
@@ -223,7 +234,7 @@ def _read_csv_rows(path: Path, table, step_key: str | None) -> list:
         for i, column in enumerate(header)
         if i != step_index and column not in STEP_KEYS and not column.endswith(("__MIN", "__MAX"))
     }
-    rows: list = []
+    rows = Rows()
     for cells in table:
         if not any(cell.strip() for cell in cells):
             continue
@@ -240,7 +251,7 @@ def _read_csv_rows(path: Path, table, step_key: str | None) -> list:
 
 
 def _read_verl(path: Path) -> list:
-    rows: list = []
+    rows = Rows()
     for line in _read_lines(path).split("\n"):
         match = VERL_LINE.search(ANSI_ESCAPE.sub("", line).rstrip())
         if match:
@@ -262,7 +273,7 @@ def _trl_log(segment: str) -> dict | None:
 
 
 def _read_trl(path: Path, logging_steps: int) -> list:
-    rows: list = []
+    rows = Rows()
     for line in _read_lines(path).split("\n"):
         # tqdm redraws its bar with \r on the line the dict was written to, after it as well as before it
         for segment in ANSI_ESCAPE.sub("", line).split("\r"):
@@ -282,7 +293,7 @@ def _read_notebook(path: Path, logging_steps: int) -> list:
             raise BAIError(f"{path}: not a Jupyter notebook (cut off?); expected a JSON object with cells") from None
         outputs = [output for cell in cells if isinstance(cell, dict) for output in cell.get("outputs") or []
                    if isinstance(output, dict)] if isinstance(cells, list) else []
-    table_rows: list = []
+    table_rows = Rows()
     printed: list = []  # Trainer dicts printed as text, for a notebook without a progress table
     for output in outputs:
         html = _joined((output.get("data") or {}).get("text/html"))
@@ -322,7 +333,7 @@ def _read_trainer_state(path: Path) -> list:
                        "that list alone") from None
     if not isinstance(history, list):
         raise BAIError(f"{path}: no log_history list; expected a Hugging Face Trainer's trainer_state.json")
-    rows: list = []
+    rows = Rows()
     for entry in history:
         step = _number(entry.get("step")) if isinstance(entry, dict) else None
         if step is None or not math.isfinite(step) or any(key.startswith(("eval_", "train_runtime")) for key in entry):
