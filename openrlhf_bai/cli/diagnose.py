@@ -19,7 +19,7 @@ from openrlhf_bai.atomic import check_output_file, same_file, write_text_atomic
 from openrlhf_bai.diagnostics.detectors import (HELP, RENAMED, SIGNAL_KEYS, Thresholds, analyze, first_value,
                                                 make_thresholds, name_signals, renamed_message)
 from openrlhf_bai.diagnostics.plot import FIGURE_FORMATS, figure_format
-from openrlhf_bai.diagnostics.readers import KINDS, read_rows
+from openrlhf_bai.diagnostics.readers import KINDS, LINE_KINDS, read_rows
 from openrlhf_bai.errors import BAIError
 
 FOUND_EXIT_STATUS = 3
@@ -102,7 +102,7 @@ def check_outputs(args) -> None:
 def diagnose_run(run: str, args) -> dict:
     """Verdict of one RUN plus what the table, JSON and plot need."""
     kind, rows = read_rows(run, args.kind, step_key=args.step_key, logging_steps=args.logging_steps)
-    if kind in ("stdout", "verl", "trl", "wandb-csv", "csv", "jsonl"):  # the line-based readers: see _read_lines
+    if kind in LINE_KINDS:
         with open(run, "rb") as log:
             log.seek(max(0, log.seek(0, os.SEEK_END) - 65536))
             tail = log.read()

@@ -33,6 +33,7 @@ from pathlib import Path
 from openrlhf_bai.errors import BAIError
 
 KINDS = ("stdout", "verl", "trl", "trainer-state", "tensorboard", "wandb-csv", "csv", "jsonl", "notebook")
+LINE_KINDS = ("stdout", "verl", "trl", "wandb-csv", "csv", "jsonl")  # read up to their last newline (_read_lines)
 EXPECTED = (
     "an OpenRLHF stdout log ('✨ Global step N: {...}'), a verl console log ('step:N - key:value - ...'), "
     "a TRL/Hugging Face console log ({'loss': ...} lines) or trainer_state.json, a TensorBoard event directory, "
@@ -273,13 +274,17 @@ def _trl_log(segment: str) -> dict | None:
 
 
 def _read_trl(path: Path, logging_steps: int) -> list:
+    return _trl_rows(_read_lines(path), logging_steps)
+
+
+def _trl_rows(text: str, logging_steps: int) -> Rows:
+    """The Trainer's log dicts in console text, the n-th at step n x logging_steps."""
     rows = Rows()
-    for line in _read_lines(path).split("\n"):
-        # tqdm redraws its bar with \r on the line the dict was written to, after it as well as before it
-        for segment in ANSI_ESCAPE.sub("", line).split("\r"):
-            metrics = _trl_log(segment)
-            if metrics:
-                rows.append(((len(rows) + 1) * logging_steps, metrics))
+    # tqdm redraws its bar with \r on the line the dict was written to, after it as well as before it
+    for segment in re.split(r"[\r\n]", ANSI_ESCAPE.sub("", text)):
+        metrics = _trl_log(segment)
+        if metrics:
+            rows.append(((len(rows) + 1) * logging_steps, metrics))
     return rows
 
 
@@ -293,8 +298,7 @@ def _read_notebook(path: Path, logging_steps: int) -> list:
             raise BAIError(f"{path}: not a Jupyter notebook (cut off?); expected a JSON object with cells") from None
         outputs = [output for cell in cells if isinstance(cell, dict) for output in cell.get("outputs") or []
                    if isinstance(output, dict)] if isinstance(cells, list) else []
-    table_rows = Rows()
-    printed: list = []  # Trainer dicts printed as text, for a notebook without a progress table
+    table_rows, printed = Rows(), ""  # the text streams: their Trainer dicts, for a notebook without a table
     for output in outputs:
         html = _joined((output.get("data") or {}).get("text/html"))
         for table in html.split("<table")[1:]:  # up to its end, or the end of a table cut off
@@ -309,14 +313,12 @@ def _read_notebook(path: Path, logging_steps: int) -> list:
                 if step is not None and math.isfinite(step):
                     metrics = {name: _number(value) for name, value in zip(names[1:], values[1:])}
                     _append(table_rows, int(step), {k: v for k, v in metrics.items() if v is not None})
-        for segment in re.split(r"[\r\n]", _joined(output.get("text"))):
-            metrics = _trl_log(segment)
-            if metrics:
-                printed.append(((len(printed) + 1) * logging_steps, metrics))
-    if not (table_rows or printed):
+        printed += _joined(output.get("text")) + "\n"
+    rows = table_rows or _trl_rows(printed, logging_steps)
+    if not rows:
         raise BAIError(f"{path}: no Trainer progress table (Step, Training Loss, ...) or printed Trainer dicts in it "
                        "(a notebook saved without its outputs?)")
-    return table_rows or printed
+    return rows
 
 
 def _joined(text) -> str:
