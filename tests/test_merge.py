@@ -19,6 +19,7 @@ from transformers import AutoConfig
 
 from openrlhf_bai import BAIRecipe, merge
 from openrlhf_bai.cli.main import main as cli
+from openrlhf_bai.errors import BAIError
 from openrlhf_bai.toy import write_family, write_model
 
 
@@ -119,6 +120,15 @@ def test_tied_and_untied_inputs_merge_into_an_untied_model(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(str(out))
         assert not model.config.tie_word_embeddings and torch.equal(model.lm_head.weight.data, head)
         assert not torch.equal(model.lm_head.weight.data, model.model.embed_tokens.weight.data)
+
+    # An untied head no input embedding can stand in for (here padded by a row): refused, not guessed.
+    padded = edit(lambda sd: sd.update({"lm_head.weight": torch.cat([sd["lm_head.weight"], sd["lm_head.weight"][:1]])}))
+    padded(distill)
+    refused = (r"cannot tell the input embedding that is the output head of the tied inputs "
+               r"\(base \(.*/base\), sft\[2\] \(.*/instruct\)\): no tensor has lm_head.weight's shape \[")
+    with pytest.raises(BAIError, match=refused):
+        merge(BAIRecipe(base=base, sft=(distill, instruct), alpha=0.5), tmp_path / "bai-padded", progress=False)
+    assert not (tmp_path / "bai-padded").exists()
 
 
 def test_dtype_option_and_provenance(llama_family, tmp_path):
