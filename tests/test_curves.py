@@ -210,6 +210,12 @@ DISAGREE = {
     # length, 84 for the entropy) lag that; raised at 78 and 35.
     ("widodu-qwen3-17b-grpo-bfcl-think-gate-lam2", "length_collapse"): "early",
     ("widodu-qwen3-17b-grpo-bfcl-think-gate-lam2", "entropy_collapse"): "early",
+    # Batch 30. Answers of 7 tokens grow to ~30 during a reward crash (steps 60-160) and go back to 7: the fall back
+    # is raised at 157 (0.24 of the 100-step reference); the rule measures from the start, which it never left.
+    ("fortitude-qwen25-15b-grpo-5digit-add-full-ft", "length_collapse"): "false alarm",
+    # A 0.2-or-1.2 reward at 8 samples a step sinking over 40 steps: the trailing reference and the lowest level
+    # follow it down, and the fall is 3 noise units only at step 111, 36 points after the rule's onset.
+    ("fortitude-qwen25-15b-grpo-6digit-add-full-ft", "hockey_stick"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide

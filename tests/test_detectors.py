@@ -305,6 +305,20 @@ def test_an_entropy_spike_of_a_few_points_is_not_the_level_a_collapse_is_measure
     assert 5 * 21 <= result["entropy_collapse"]["step"] <= 5 * (21 + TH.patience + 1)
 
 
+def test_an_entropy_that_settles_back_to_its_near_deterministic_start_is_not_a_collapse():
+    # Short arithmetic answers (a TRL run, 1 prompt x 8): 0.003 nats at first, 0.3 for 80 steps of a reward crash,
+    # then back near where it began. It fell to a hundredth of its highest level, but not below where RL started.
+    rng = random.Random(2)
+    noisy = lambda level: level * math.exp(rng.gauss(0, 1.0))  # noqa: E731 - per-step entropy of a few tokens
+    settles = [noisy(0.003) for _ in range(60)] + [noisy(0.3) for _ in range(80)] + [noisy(0.004) for _ in range(200)]
+    result, per_step = analyze([(s + 1, {"entropy": e}) for s, e in enumerate(settles)])
+    assert not result["entropy_collapse"]["detected"] and not any(p["bai/entropy_collapse"] for p in per_step)
+    # The same run from 0.3 nats at its start: the fall to 0.004 is a collapse.
+    collapses = settles[60:]
+    result, _ = analyze([(s + 1, {"entropy": e}) for s, e in enumerate(collapses)])
+    assert result["entropy_collapse"]["detected"] and 80 <= result["entropy_collapse"]["step"] <= 80 + 2 * TH.patience
+
+
 def test_a_kl_that_rises_slowly_past_one_nat_is_raised_when_it_crosses_it():
     # 0.1 -> 2.5 nats over 300 steps: the trailing reference follows the rise, so it never doubles it; it crosses 1 nat
     # (by its median level) at about step 113, a quarter above a reference of about 0.65.

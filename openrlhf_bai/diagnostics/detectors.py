@@ -55,7 +55,8 @@ a truncation drop that became a length collapse is one fall there, the collapse.
   `noise_units` (its share of the points before the run, to the run's length); recovered once the short level is
   back within one noise unit of the reference at `patience` points in a row, recovery_steps after the drop.
 - entropy_collapse: entropy below `entropy_ratio` x its highest level (by `entropy_ratio_units`) and below
-  `entropy_nats`, the long level `noise_units` below its highest level.
+  `entropy_nats`, the long level `noise_units` below its highest level, and the short level `noise_units` below
+  the opening level (the median of its first 2 x patience - 1 values).
 - kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
   raised), and, while the run's reference is below that limit, above `kl_factor` x the reference (its own
   trajectory), held at `patience` points in a row (KL estimates spike on single steps).
@@ -287,9 +288,10 @@ def _new_track() -> dict:
     # frozen: {detector: reference in the signal's units} while its condition holds.
     # low: the lowest long level of a reward, which a fall's size is measured from.
     # start: [median of the values of the first reference_steps steps, points], kept for good once those are complete;
-    # first: the step of the first value.
+    # first: the step of the first value; opening: the first 2 x patience - 1 values (absent from a state saved
+    # before 0.3, where they are not known).
     return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}, "low": None, "start": None,
-            "first": None}
+            "first": None, "opening": []}
 
 
 def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> None:
@@ -302,6 +304,8 @@ def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> No
             track["repeats"] += 1
     if track.get("first") is None and not points:
         track["first"] = step
+    if "opening" in track and len(track["opening"]) < 2 * th.patience - 1:
+        track["opening"].append(value)
     if track.get("start") is None and points and points[0][0] <= step - th.reference_steps:
         track["start"] = [_median([v for _, v in points]), len(points)]  # the first reference_steps steps are in
     points.append([step, value])
@@ -486,9 +490,15 @@ def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[
 
 def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
     """Below entropy_ratio x the highest level, and below entropy_nats: near-deterministic, not merely lower. The
-    absolute floor is a second test the length has no counterpart of, so the ratio needs entropy_ratio_units only."""
+    absolute floor is a second test the length has no counterpart of, so the ratio needs entropy_ratio_units only.
+    And noise_units below the opening level (the median of the first 2 x patience - 1 values): a run that starts
+    near-deterministic (a 0.003-nat answer), rises during an instability and settles back has not collapsed."""
     strength, ratio, candidate = _fall(th.entropy_ratio, th.entropy_ratio_units, lv, th)
     below = (math.log(th.entropy_nats) - lv.short) / lv.level_noise
+    opening = state["signals"]["entropy"].get("opening")
+    if opening:
+        noise = math.hypot(lv.level_noise, 1.2533 * lv.sigma / math.sqrt(len(opening)))
+        below = min(below, (_to(True, _median(opening)) - lv.short) / noise - th.noise_units)
     return min(strength, below), ratio, candidate and below > 0
 
 
