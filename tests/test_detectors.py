@@ -317,6 +317,18 @@ def test_an_entropy_that_settles_back_to_its_near_deterministic_start_is_not_a_c
     collapses = settles[60:]
     result, _ = analyze([(s + 1, {"entropy": e}) for s, e in enumerate(collapses)])
     assert result["entropy_collapse"]["detected"] and 80 <= result["entropy_collapse"]["step"] <= 80 + 2 * TH.patience
+    # A monitor state saved before the opening level was kept resumes without that test (it cannot know the opening):
+    # the same run then reads as it did before, a collapse from the peak.
+    rows = [(s + 1, {"entropy": e}) for s, e in enumerate(settles)]
+    state = new_state()
+    for step, metrics in rows[:100]:
+        observe(state, step, metrics, TH)
+    old = json.loads(json.dumps(state))
+    for track in old["signals"].values():
+        del track["opening"]
+    for step, metrics in rows[100:]:
+        observe(old, step, metrics, TH)
+    assert verdict(old)["entropy_collapse"]["detected"] and "opening" not in old["signals"]["entropy"]
 
 
 def test_a_kl_that_rises_slowly_past_one_nat_is_raised_when_it_crosses_it():
