@@ -317,6 +317,11 @@ def test_an_entropy_that_settles_back_to_its_near_deterministic_start_is_not_a_c
     collapses = settles[60:]
     result, _ = analyze([(s + 1, {"entropy": e}) for s, e in enumerate(collapses)])
     assert result["entropy_collapse"]["detected"] and 80 <= result["entropy_collapse"]["step"] <= 80 + 2 * TH.patience
+    # A collapse at the second log point (a learning rate far too high): the opening values are fallen ones, and the
+    # fall is from where the run began, so it is raised within patience + 1 points.
+    at_once = [(10 * (i + 1), {"entropy": 1.0 if i == 0 else 0.02 * (1 + 0.05 * (i % 3))}) for i in range(40)]
+    result, _ = analyze(at_once)
+    assert result["entropy_collapse"]["detected"] and result["entropy_collapse"]["step"] <= 20 + 10 * (TH.patience + 1)
     # A monitor state saved before the opening level was kept resumes without that test (it cannot know the opening):
     # the same run then reads as it did before, a collapse from the peak.
     rows = [(s + 1, {"entropy": e}) for s, e in enumerate(settles)]
@@ -325,7 +330,7 @@ def test_an_entropy_that_settles_back_to_its_near_deterministic_start_is_not_a_c
         observe(state, step, metrics, TH)
     old = json.loads(json.dumps(state))
     for track in old["signals"].values():
-        del track["opening"]
+        del track["opening"], track["risen"]
     for step, metrics in rows[100:]:
         observe(old, step, metrics, TH)
     assert verdict(old)["entropy_collapse"]["detected"] and "opening" not in old["signals"]["entropy"]

@@ -55,8 +55,8 @@ a truncation drop that became a length collapse is one fall there, the collapse.
   `noise_units` (its share of the points before the run, to the run's length); recovered once the short level is
   back within one noise unit of the reference at `patience` points in a row, recovery_steps after the drop.
 - entropy_collapse: entropy below `entropy_ratio` x its highest level (by `entropy_ratio_units`) and below
-  `entropy_nats`, the long level `noise_units` below its highest level, and the short level `noise_units` below
-  the opening level (the median of its first 2 x patience - 1 values).
+  `entropy_nats`, the long level `noise_units` below its highest level; where that highest level is one the run rose
+  to after its first 2 x patience - 1 values, also the short level `noise_units` below their median.
 - kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
   raised), and, while the run's reference is below that limit, above `kl_factor` x the reference (its own
   trajectory), held at `patience` points in a row (KL estimates spike on single steps).
@@ -289,9 +289,9 @@ def _new_track() -> dict:
     # low: the lowest long level of a reward, which a fall's size is measured from.
     # start: [median of the values of the first reference_steps steps, points], kept for good once those are complete;
     # first: the step of the first value; opening: the first 2 x patience - 1 values (absent from a state saved
-    # before 0.3, where they are not known).
+    # before 0.3, where they are not known); risen: the peak rose after them (a level the run rose to).
     return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}, "low": None, "start": None,
-            "first": None, "opening": []}
+            "first": None, "opening": [], "risen": False}
 
 
 def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> None:
@@ -360,6 +360,8 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
         level = min(short, center(values[-(4 * th.patience - 3):]) + math.log(SPIKE_FACTOR))
         if track["peak"] is None or n_short < th.patience:
             track["peak"] = level
+        if level > track["peak"] and len(track.get("opening") or ()) == 2 * th.patience - 1:
+            track["risen"] = True
         track["peak"] = max(track["peak"], level)
         ref, n_ref = (track["peak"], n_short) if len(values) > th.patience else (None, 0)
     else:
@@ -491,12 +493,14 @@ def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[
 def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
     """Below entropy_ratio x the highest level, and below entropy_nats: near-deterministic, not merely lower. The
     absolute floor is a second test the length has no counterpart of, so the ratio needs entropy_ratio_units only.
-    And noise_units below the opening level (the median of the first 2 x patience - 1 values): a run that starts
-    near-deterministic (a 0.003-nat answer), rises during an instability and settles back has not collapsed."""
+    A highest level the run rose to after its opening values must also leave it noise_units below their median: a
+    run that starts near-deterministic (a 0.003-nat answer), rises during an instability and settles back has not
+    collapsed. (A fall from the opening itself is judged without it: its opening may already hold fallen values.)"""
     strength, ratio, candidate = _fall(th.entropy_ratio, th.entropy_ratio_units, lv, th)
     below = (math.log(th.entropy_nats) - lv.short) / lv.level_noise
-    opening = state["signals"]["entropy"].get("opening")
-    if opening:
+    track = state["signals"]["entropy"]
+    opening = track.get("opening")
+    if track.get("risen") and opening:
         noise = math.hypot(lv.level_noise, 1.2533 * lv.sigma / math.sqrt(len(opening)))
         below = min(below, (_to(True, _median(opening)) - lv.short) / noise - th.noise_units)
     return min(strength, below), ratio, candidate and below > 0
