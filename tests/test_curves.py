@@ -72,10 +72,6 @@ DISAGREE = {
     ("surtrj-qwen3-4b-grpo-dapo-math", "length_collapse"): "early",
     # A 4-completion reward sliding from ~0.3 to ~-0.1: the 20-step level clears 3 noise units 5 points after the onset.
     ("standingongiants-qwen25-3b-grpo-incident-response-lr5e-5", "hockey_stick"): "late",
-    # Seen only once the corpus read each run's own metric names as `diagnose --length-key` does (2026-11-28): a 30M
-    # model's noisy length (52-502 tokens a step) sits at 0.32 of its start over steps 34-43 and comes back by 71 (the
-    # detection ends there; by the rule a dip).
-    ("coicozoi-minimind-grpo-chat-123", "length_collapse"): "false alarm",
     # Held-out batch 13: Qwen2.5-Math-1.5B (a base model) learning the R1-Zero format, 256 samples a step. Its length
     # falls from 305 tokens at step 1 to a third or less within 3-10 steps; the rule's start (the median of the first
     # 10 points) holds the fall. As first met, the fall was raised at steps 11-14 in three runs (false alarms); since
@@ -106,11 +102,10 @@ DISAGREE = {
     ("zz1358m-dsr1-qwen15b-softgrpo-deepscaler-dirichlet", "hockey_stick"): "late",
     # Held-out batch 15, as first met: sparse samples (20-44-step windows ~400 steps apart) of 1 x 2-completion Tunix
     # runs, whose length jumps 2-10x from one step to the next. Across a gap the reference is the median of the few
-    # points kept from the window before (at least 2 x patience), so a window that starts long and ends short is a
-    # "collapse" (raised at 1135, 24 % of a 552-token reference; it ends at 1913); in the beta 0.3 run the length does
-    # collapse to 2-30 tokens from ~1686, but the detection is raised in the window before (1420, 94 tokens), and the
-    # rule, whose level comes back above 60 % later, puts the onset where the log ends (3362, borderline).
-    ("wdk-gemma3-1b-grpo-gsm8k-g2-beta008-sampled", "length_collapse"): "false alarm",
+    # points kept from the window before (at least 2 x patience), so a window that starts long and ends short reads as
+    # a fall (in the beta 0.08 run it stays above where the run began: not raised); in the beta 0.3 run the length does
+    # collapse to 2-30 tokens from ~1686 and is raised at 1688, but the rule, whose level comes back above 60 % later,
+    # puts the onset where the log ends (3362, borderline).
     ("wdk-gemma3-1b-grpo-gsm8k-g2-beta03-sampled", "length_collapse"): "early",
     # ... and their reward falls (7 -> 1.5, 6 -> the -2.5 floor) span hundreds of steps between windows: no
     # 100-step reference sees them, and within a window the fall is under the noise of a 2-completion reward.
@@ -122,8 +117,6 @@ DISAGREE = {
     #   end at 457 and 200); by the rule no collapse, as it comes back above 30 % of its start.
     ("rasbt-qwen3-06b-grpo-math-clip-ratio", "entropy_collapse"): "false alarm",
     ("rasbt-qwen3-06b-grpo-math-no-kl-cap1024", "entropy_collapse"): "false alarm",
-    # - A 4-step dip of the length to 30 % of its reference (raised at 375, ended at 379).
-    ("rasbt-qwen3-06b-grpo-math-no-kl-cap1024", "length_collapse"): "false alarm",
     # - Reward falls whose 20-step level clears 3 noise units of a 1-in-8 reward 11-18 points after the onset; in the
     #   2048-token run and the format-reward run the rule's fall is a dip in the noise (borderline, or recovered) and
     #   ours is raised on a later, larger fall (at 234 and 451). (The KL run's reward, at exactly 0 from step 59, and
@@ -210,11 +203,8 @@ DISAGREE = {
     # length, 84 for the entropy) lag that; raised at 78 and 35.
     ("widodu-qwen3-17b-grpo-bfcl-think-gate-lam2", "length_collapse"): "early",
     ("widodu-qwen3-17b-grpo-bfcl-think-gate-lam2", "entropy_collapse"): "early",
-    # Batch 30. Answers of 7 tokens grow to ~30 during a reward crash (steps 60-160) and go back to 7: the fall back
-    # is raised at 157 (0.24 of the 100-step reference); the rule measures from the start, which it never left.
-    ("fortitude-qwen25-15b-grpo-5digit-add-full-ft", "length_collapse"): "false alarm",
-    # A 0.2-or-1.2 reward at 8 samples a step sinking over 40 steps: the trailing reference and the lowest level
-    # follow it down, and the fall is 3 noise units only at step 111, 36 points after the rule's onset.
+    # Batch 30. A 0.2-or-1.2 reward at 8 samples a step sinking over 40 steps: the trailing reference and the lowest
+    # level follow it down, and the fall is 3 noise units only at step 111, 36 points after the rule's onset.
     ("fortitude-qwen25-15b-grpo-6digit-add-full-ft", "hockey_stick"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
@@ -537,10 +527,11 @@ def test_a_noisy_entropy_collapse_is_raised_in_time_as_its_floor_is_a_second_tes
 
 def test_a_noisy_dip_that_only_touches_the_ratio_is_not_a_collapse_unless_ratio_units_is_0(tmp_path, capsys):
     # 1 prompt x 6 completions a step: the 5-point length level touches 56 % of its reference at step 88 (0.4 of
-    # its own noise units past 60 %) and comes back; the label says healthy. --ratio-units 0 --raise-units 0 is the
-    # ratio test alone, raised at the first point past it.
+    # its own noise units past 60 %) and comes back; the label says healthy. --ratio-units 0 --raise-units 0 leaves
+    # the ratio test without its noise margin: raised at the first point past it that is also below where the run
+    # began (the length rose after its first points), 156.
     log = str(DATA / "curves" / "basile-qwen25-grpo-gsm8k-noisy-decline" / "curve.csv")
     assert cli(["diagnose", log, "--json", str(tmp_path / "default.json")]) == 0
     assert not json.loads((tmp_path / "default.json").read_text())["length_collapse"]["detected"]
     cli(["diagnose", log, "--ratio-units", "0", "--raise-units", "0", "--json", str(tmp_path / "ratio-only.json")])
-    assert json.loads((tmp_path / "ratio-only.json").read_text())["length_collapse"]["step"] == 88
+    assert json.loads((tmp_path / "ratio-only.json").read_text())["length_collapse"]["step"] == 156

@@ -305,6 +305,19 @@ def test_an_entropy_spike_of_a_few_points_is_not_the_level_a_collapse_is_measure
     assert 5 * 21 <= result["entropy_collapse"]["step"] <= 5 * (21 + TH.patience + 1)
 
 
+def test_a_length_that_grew_during_a_crash_and_went_back_to_its_start_is_not_a_collapse():
+    # Arithmetic answers (a TRL run, 1 x 8): 7 tokens, ~30 for 80 steps of a reward crash, then 7 again: a fall to a
+    # quarter of the 100-step reference, but back where the run began.
+    rng = random.Random(4)
+    noisy = lambda level: level * math.exp(rng.gauss(0, 0.15))  # noqa: E731
+    lengths = [noisy(7.0) for _ in range(60)] + [noisy(30.0) for _ in range(80)] + [noisy(7.0) for _ in range(160)]
+    result, per_step = analyze(rows_of(lengths, [0.5] * len(lengths)))
+    assert not result["length_collapse"]["detected"] and not any(p["bai/length_collapse"] for p in per_step)
+    # The same fall in a run that began at 30 tokens is a collapse, raised within patience + 1 points.
+    result, _ = analyze(rows_of(lengths[60:], [0.5] * 240))
+    assert result["length_collapse"]["detected"] and 81 <= result["length_collapse"]["step"] <= 81 + TH.patience + 1
+
+
 def test_an_entropy_that_settles_back_to_its_near_deterministic_start_is_not_a_collapse():
     # Short arithmetic answers (a TRL run, 1 prompt x 8): 0.003 nats at first, 0.3 for 80 steps of a reward crash,
     # then back near where it began. It fell to a hundredth of its highest level, but not below where RL started.
@@ -330,7 +343,7 @@ def test_an_entropy_that_settles_back_to_its_near_deterministic_start_is_not_a_c
         observe(state, step, metrics, TH)
     old = json.loads(json.dumps(state))
     for track in old["signals"].values():
-        del track["opening"], track["risen"]
+        del track["opening"], track["top"], track["risen"]
     for step, metrics in rows[100:]:
         observe(old, step, metrics, TH)
     assert verdict(old)["entropy_collapse"]["detected"] and "opening" not in old["signals"]["entropy"]

@@ -55,8 +55,10 @@ a truncation drop that became a length collapse is one fall there, the collapse.
   `noise_units` (its share of the points before the run, to the run's length); recovered once the short level is
   back within one noise unit of the reference at `patience` points in a row, recovery_steps after the drop.
 - entropy_collapse: entropy below `entropy_ratio` x its highest level (by `entropy_ratio_units`) and below
-  `entropy_nats`, the long level `noise_units` below its highest level; where that highest level is one the run rose
-  to after its first 2 x patience - 1 values, also the short level `noise_units` below their median.
+  `entropy_nats`, the long level `noise_units` below its highest level.
+- length_collapse, truncation_drop and entropy_collapse, in a run whose level reached a new high after its first
+  2 x patience - 1 values (it rose after it began): also the short level `noise_units` below their median (the
+  opening level). A fall back to where the run began is not a collapse.
 - kl_blowup: the KL level above `kl_limit_nats` (absolute: a run already thousands of nats at its first points is
   raised), and, while the run's reference is below that limit, above `kl_factor` x the reference (its own
   trajectory), held at `patience` points in a row (KL estimates spike on single steps).
@@ -250,6 +252,9 @@ class Level:
     log: bool
     low: float | None = None  # rewards: the lowest long level (over 2 x patience - 1 points or more) so far
     start: list | None = None  # [median of the first reference_steps steps (signal units), points], once complete
+    # The median of the first 2 x patience - 1 values (judged units), once the short level has reached a new high
+    # after them: where a run that rose began (None until then).
+    opening: float | None = None
     from_start: bool = False  # ref is the start level (a slow decline is judged against it), not the reference
 
     # Standard deviations of a median (1.2533 sigma / sqrt n) and of a trimmed mean (about 1.1 sigma / sqrt n).
@@ -289,9 +294,10 @@ def _new_track() -> dict:
     # low: the lowest long level of a reward, which a fall's size is measured from.
     # start: [median of the values of the first reference_steps steps, points], kept for good once those are complete;
     # first: the step of the first value; opening: the first 2 x patience - 1 values (absent from a state saved
-    # before 0.3, where they are not known); risen: the peak rose after them (a level the run rose to).
+    # before 0.3, where they are not known); top: the highest short level so far; risen: a new top after the opening
+    # values (the run rose after it began).
     return {"points": [], "diffs": [], "repeats": 0, "peak": None, "frozen": {}, "low": None, "start": None,
-            "first": None, "opening": [], "risen": False}
+            "first": None, "opening": [], "top": None, "risen": False}
 
 
 def _feed(track: dict, step: int, value: float, th: Thresholds, log: bool) -> None:
@@ -360,8 +366,6 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
         level = min(short, center(values[-(4 * th.patience - 3):]) + math.log(SPIKE_FACTOR))
         if track["peak"] is None or n_short < th.patience:
             track["peak"] = level
-        if level > track["peak"] and len(track.get("opening") or ()) == 2 * th.patience - 1:
-            track["risen"] = True
         track["peak"] = max(track["peak"], level)
         ref, n_ref = (track["peak"], n_short) if len(values) > th.patience else (None, 0)
     else:
@@ -371,10 +375,15 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
         enough = 1 if robust else 2 * th.patience - 1
         ref, n_ref = (center(before), len(before)) if len(before) >= enough else (None, 0)
     sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust)
+    opening = track.get("opening")  # absent from a state saved before 0.3
+    if opening is not None:
+        if len(opening) == 2 * th.patience - 1 and track["top"] is not None and short > track["top"]:
+            track["risen"] = True
+        track["top"] = short if track["top"] is None else max(track["top"], short)
     if not robust and n_long >= 2 * th.patience - 1:
         track["low"] = long if track.get("low") is None else min(track["low"], long)
     return Level(short, long, ref, sigma, n_short, n_long, n_ref, log, None if robust else track.get("low"),
-                 track.get("start"))
+                 track.get("start"), _to(log, _median(opening)) if track.get("risen") else None)
 
 
 def _from_start(lv: Level) -> Level | None:
@@ -429,6 +438,18 @@ def _truncation(state: dict, lv: Level, levels: dict) -> dict | None:
             "untruncated_ratio": untruncated_now / untruncated_before}
 
 
+def _below_opening(lv: Level, th: Thresholds) -> float:
+    """How far the short level is below the opening level, less noise_units, in noise units; inf for a run that has
+    not risen above its opening. A fall from a level the run rose to must also take it below where it began: answers
+    of 7 tokens that grow to 30 during a reward crash and go back to 7, an entropy that starts near-deterministic, rises
+    tenfold during an instability and settles back, have not collapsed. (A run that fell within its opening values
+    never rose above them, so a fall there is judged as any other.)"""
+    if lv.opening is None:
+        return math.inf
+    noise = math.hypot(lv.level_noise, 1.2533 * lv.sigma / math.sqrt(2 * th.patience - 1))
+    return (lv.opening - lv.short) / noise - th.noise_units
+
+
 def _length_fall(lv: Level, th: Thresholds, state: dict, levels: dict, name: str,
                  by_cap: bool) -> tuple[float, float, bool]:
     """The stronger of two falls: below collapse_ratio x the reference (the trailing median: a sharp collapse), and
@@ -455,7 +476,8 @@ def _length_fall(lv: Level, th: Thresholds, state: dict, levels: dict, name: str
         if judged is lv or strength > max(best[0], 0):  # the ratio reported: the reference's unless the start's holds
             best = (strength, ratio, candidate or best[2])
             levels.setdefault("judged", {})[name] = (judged, truncation or {})
-    return best
+    below = _below_opening(lv, th)
+    return min(best[0], below), best[1], best[2] and below > 0
 
 
 def _length_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
@@ -492,17 +514,9 @@ def _reward_drop(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[
 
 def _entropy_collapse(lv: Level, th: Thresholds, state: dict, levels: dict) -> tuple[float, float, bool]:
     """Below entropy_ratio x the highest level, and below entropy_nats: near-deterministic, not merely lower. The
-    absolute floor is a second test the length has no counterpart of, so the ratio needs entropy_ratio_units only.
-    A highest level the run rose to after its opening values must also leave it noise_units below their median: a
-    run that starts near-deterministic (a 0.003-nat answer), rises during an instability and settles back has not
-    collapsed. (A fall from the opening itself is judged without it: its opening may already hold fallen values.)"""
+    absolute floor is a second test the length has no counterpart of, so the ratio needs entropy_ratio_units only."""
     strength, ratio, candidate = _fall(th.entropy_ratio, th.entropy_ratio_units, lv, th)
-    below = (math.log(th.entropy_nats) - lv.short) / lv.level_noise
-    track = state["signals"]["entropy"]
-    opening = track.get("opening")
-    if track.get("risen") and opening:
-        noise = math.hypot(lv.level_noise, 1.2533 * lv.sigma / math.sqrt(len(opening)))
-        below = min(below, (_to(True, _median(opening)) - lv.short) / noise - th.noise_units)
+    below = min((math.log(th.entropy_nats) - lv.short) / lv.level_noise, _below_opening(lv, th))
     return min(strength, below), ratio, candidate and below > 0
 
 
