@@ -377,9 +377,10 @@ def _level(track: dict, th: Thresholds, log: bool, peak: bool, robust: bool = Tr
     sigma = _noise(track, th, 1.0 if log else abs(short) + abs(ref or 0.0), robust)
     opening = track.get("opening")  # absent from a state saved before 0.3
     if opening is not None:
-        if len(opening) == 2 * th.patience - 1 and track["top"] is not None and short > track["top"]:
+        top = track.get("top")
+        if len(opening) == 2 * th.patience - 1 and top is not None and short > top:
             track["risen"] = True
-        track["top"] = short if track["top"] is None else max(track["top"], short)
+        track["top"] = short if top is None else max(top, short)
     if not robust and n_long >= 2 * th.patience - 1:
         track["low"] = long if track.get("low") is None else min(track["low"], long)
     return Level(short, long, ref, sigma, n_short, n_long, n_ref, log, None if robust else track.get("low"),
