@@ -15,7 +15,8 @@ pip_in vllm==0.29.0
 "$env/bin/pip" uninstall --quiet -y torchvision torchaudio  # CUDA builds that break transformers' lazy imports
 pip_in transformers==5.15.0 "ray[default]==2.55.0" accelerate datasets einops jsonlines loralib optree \
   peft pylatexenc tensorboard torchdata torchmetrics tqdm wandb isort optimum bitsandbytes pynvml \
-  transformers-stream-generator safetensors huggingface_hub filelock matplotlib pytest
+  transformers-stream-generator safetensors huggingface_hub filelock matplotlib pytest \
+  ipython                                 # tests draw a notebook table with transformers.utils.notebook
 DS_BUILD_OPS=0 pip_in --no-build-isolation deepspeed==0.19.6   # sdist; isolation would pull a CUDA torch
 FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
   pip_in --no-deps --no-build-isolation flash-attn==2.8.3      # Python part only (bert_padding)

@@ -455,7 +455,8 @@ def write_trl_log(path: Path) -> Path:
 
 LINE_BASED = {**{name: WRITERS[name] for name in WRITERS if not name.startswith("tensorboard")},
               "verl": ("verl", lambda d, shape: write_verl_log(d / "verl.log")),
-              "trl": ("trl", lambda d, shape: write_trl_log(d / "trl.log"))}
+              "trl": ("trl", lambda d, shape: write_trl_log(d / "trl.log")),
+              "console": ("console", lambda d, shape: write_console_log(d / "grpo_log.txt", shape))}
 
 
 @pytest.mark.parametrize("fmt", LINE_BASED)
@@ -624,13 +625,9 @@ def test_verls_file_logger_jsonl_is_read_with_its_metrics(tmp_path, capsys):
     assert status == 3 and "YES at step" in out
 
 
-def write_notebook(path: Path, shape: str, monkeypatch) -> Path:
+def write_notebook(path: Path, shape: str) -> Path:
     """A notebook saved with the table transformers' notebook callback draws in the training cell (as Unsloth's GRPO
-    notebooks draw it, with every logged metric; "/" in a name spaced out), by transformers' own text_to_html_table.
-    IPython is not a dependency here: a stand-in lets transformers.utils.notebook import, its display is not used."""
-    ipython = SimpleNamespace(display=SimpleNamespace(HTML=str, display=lambda *a, **k: None))
-    monkeypatch.setitem(sys.modules, "IPython", ipython)
-    monkeypatch.setitem(sys.modules, "IPython.display", ipython.display)
+    notebooks draw it, with every logged metric; "/" in a name spaced out), by transformers' own text_to_html_table."""
     from transformers.utils.notebook import text_to_html_table
 
     table = [["Step", "Training Loss", "reward", "reward_std", "completions / mean_length", "kl"]]
@@ -645,9 +642,9 @@ def write_notebook(path: Path, shape: str, monkeypatch) -> Path:
     return path
 
 
-def test_a_notebook_saved_with_its_training_table_is_read(tmp_path, capsys, monkeypatch):
+def test_a_notebook_saved_with_its_training_table_is_read(tmp_path, capsys):
     # TRL users train in Colab and share the .ipynb (the corpus's 77 notebook runs were extracted from such tables).
-    path = write_notebook(tmp_path / "Qwen2.5_(3B)-GRPO.ipynb", "collapsing", monkeypatch)
+    path = write_notebook(tmp_path / "Qwen2.5_(3B)-GRPO.ipynb", "collapsing")
     kind, rows = read_rows(path)
     assert kind == "notebook" and [step for step, _ in rows] == list(range(1, STEPS + 1))
     assert rows[0][1]["completions/mean_length"] == pytest.approx(series("collapsing")[0][1], abs=1e-6)  # as printed
@@ -665,3 +662,106 @@ def test_a_notebook_saved_with_its_training_table_is_read(tmp_path, capsys, monk
                                  "nbformat": 4}))
     status, _, err = diagnose(capsys, empty)
     assert status == 1 and "saved without its outputs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_callbacks_printed_lines_are_read_where_the_notebooks_table_has_the_loss_only(tmp_path, capsys):
+    # anirudh-* (batch 32): plain transformers draws Step | Training Loss, while a TrainerCallback printed every
+    # metric as "[Step N] name=value" lines (values as '%.4f'): the source that names more metrics is read.
+    from transformers.utils.notebook import text_to_html_table
+
+    table = text_to_html_table([["Step", "Training Loss"]] + [[step, 0.0] for step, _, _ in series("collapsing")])
+    printed = [f"[Step {step}] loss=0.0000 completions/mean_length={length:.4f} reward={reward:.4f} kl=0.0001\n"
+               for step, length, reward in series("collapsing")]
+    cells = [{"cell_type": "code", "source": ["trainer.train()"], "outputs": [
+        {"output_type": "display_data", "metadata": {}, "data": {"text/html": table.splitlines(keepends=True)}},
+        {"output_type": "stream", "name": "stdout", "text": printed}]}]
+    path = tmp_path / "grpo_train.ipynb"
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    kind, rows = read_rows(path)
+    assert kind == "notebook" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert rows[0][1]["completions/mean_length"] == round(series("collapsing")[0][1], 4)
+    status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out
+
+
+def write_console_log(path: Path, shape: str = "collapsing") -> Path:
+    """A hand-written GRPO loop's prints (as adv06/WidgetAnchor's grpo_log.txt): lines with the word Step and no
+    metrics, then one `GRPO step N/40 | name: value | ...` line a step."""
+    path.write_text("".join(
+        f"  Step {step}: generating 2 candidates for prompt 1/1...\n  Rewards: [-1.0, 0.5] (1/2 rendered)\n"
+        f"GRPO step {step}/{STEPS} | loss: 0.0001 | reward: {reward:.4f} | response_length: {length:.2f} | KL: 0.0001\n"
+        for step, length, reward in series(shape)))
+    return path
+
+
+def test_a_hand_written_loops_printed_step_lines_are_read(tmp_path, capsys):
+    path = write_console_log(tmp_path / "grpo_log.txt")
+    kind, rows = read_rows(path)
+    assert kind == "console" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    _, length, reward = series("collapsing")[0]
+    assert rows[0][1] == {"loss": 0.0001, "reward": round(reward, 4), "response_length": round(length, 2),
+                          "KL": 0.0001}
+    status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out
+    status, out, _ = diagnose(capsys, write_console_log(tmp_path / "healthy.txt", "healthy"), "--fail-on", "collapse")
+    assert status == 0 and "YES" not in out
+
+    # One name=value pair is no step line (a loss printed with a timing), nor is DeepSpeed's step line: refused.
+    other = tmp_path / "train.log"
+    other.write_text("[step 1] loss=22.8647 (83.8s)\n[Rank 0] step=10, skipped=0, lr=[1e-06], mom=[(0.9, 0.95)]\n")
+    status, _, err = diagnose(capsys, other)
+    assert status == 1 and "not a training log of a known format" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_log_of_several_line_formats_is_read_as_the_loops_own_steps(tmp_path, capsys):
+    """Real logs hold more than one kind of line (each case below is a corpus original that was misread): the format
+    holding more values is read, and of printed step lines the loop's own print (its most frequent form)."""
+    steps = series("collapsing")
+    # scottbiggs-*: "[dream_cmp] epoch=0 step=N ..." each step, a Trainer-style dict of the epoch's means once an
+    # epoch; dsexamples-*: DeepSpeed's throughput line every 10 steps, with a step and two numbers of its own.
+    mixed = tmp_path / "current_out.txt"
+    mixed.write_text("".join(
+        f"[dream_cmp] epoch=0 step={step} avg_entropy=0.2465 avg_reward={reward:.4f} response_length={length:.1f}\n"
+        + (f"[dream_cmp] epoch {step // 10} mean metrics: {{'loss': 0.0, 'avg_reward': {reward}}}\n"
+           f"[2023-04-18 08:48:36,058] [INFO] [timer.py:199:stop] epoch=0/micro_step={step}/global_step={step}, "
+           "RunningAvgSamplesPerSec=86.77, CurrSamplesPerSec=78.88, MemAllocated=10.77GB\n" if step % 10 == 0 else "")
+        for step, length, reward in steps))
+    # a36600248-*: a pasted shell session, the steps as JSON records with their step after a "[date] WARNING" line,
+    # then per-question records of steps 30-41 from another log.
+    pasted = tmp_path / "session.txt"
+    pasted.write_text(
+        "[2026-03-17 09:54:59] WARNING transformers.modeling_utils: Could not estimate the number of tokens\n"
+        + "".join(json.dumps({"time": "2026-03-17 09:55:00", "step": step, "logs": {
+            "loss": 0.02, "reward": reward, "response_length": length}}) + "\n" for step, length, reward in steps)
+        + "".join(json.dumps({"mode": "train", "global_step": step, "question_id": "mbpp_test_422",
+                              "node_count": 4, "reward": 1.0}) + "\n" for step in range(30, 42)))
+    for path in (mixed, pasted):
+        kind, rows = read_rows(path)
+        assert (kind, rows.restarts) == ("console", 0) and [step for step, _ in rows] == list(range(1, STEPS + 1))
+        assert [metrics["response_length"] for _, metrics in rows] == pytest.approx([x for _, x, _ in steps], abs=0.05)
+        status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
+        assert status == 3 and "YES at step" in out
+
+    # trl-qwen25-05b-grpo-kl-thousands-*: an SFT phase printed "step N/611 loss=... lr=..." (more lines) before the
+    # GRPO Trainer's dicts (more values): the dicts are the run.
+    sft_then_grpo = tmp_path / "logs.md"
+    sft_then_grpo.write_text("".join(f"step {i}/611 loss={2 - i / 1000:.4f} lr=2e-05\n" for i in range(10, 610, 10))
+                             + write_trl_log(tmp_path / "trl.log").read_text())
+    kind, rows = read_rows(sft_then_grpo)
+    assert kind == "trl" and len(rows) == STEPS and rows[0][1]["reward"] == steps[0][2]
+
+
+def test_a_notebooks_table_is_read_over_printed_lines_unless_it_shows_the_loss_alone(tmp_path):
+    # abhilash-*: the Unsloth table (6 decimals) and a callback's printed lines with more names at 4 significant
+    # digits and a dict of its own ({'log/serial': 5426, 'step': 5426, ...}): the Trainer's table is the run.
+    path = write_notebook(tmp_path / "train grpo.ipynb", "collapsing")
+    notebook = json.loads(path.read_text())
+    notebook["cells"][0]["outputs"].append({"output_type": "stream", "name": "stdout", "text": [
+        f"[Step {step}] reward={reward:.4g} completions/mean_length={length:.4g} kl=0.001 extra_a=1 extra_b=2 "
+        "extra_c=3 extra_d=4\n" for step, length, reward in series("collapsing")]
+        + ["{'log/serial': 5426, 'step': 5426, 'loss': 0.1, 'reward': 0.2}\n"]})
+    path.write_text(json.dumps(notebook))
+    kind, rows = read_rows(path)
+    assert kind == "notebook" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert rows[0][1]["completions/mean_length"] == pytest.approx(series("collapsing")[0][1], abs=1e-6)
+    assert "extra_a" not in rows[0][1]

@@ -812,7 +812,7 @@ def verdict(state: dict) -> dict:
 
     lowest_length = min((x for x in (length["extreme"], truncation["extreme"]) if x is not None), default=None)
     collapse, cap_drop = common(length), common(truncation)
-    if collapse["unrecovered_step"] is not None:  # one fall at the end of the log: the collapse it became, not a cap drop
+    if collapse["unrecovered_step"] is not None:  # one fall at the log's end: the collapse it became, not a cap drop
         cap_drop["unrecovered_step"] = None
     return {
         "length_collapse": {"detected": length["step"] is not None, "step": length["step"],

@@ -16,12 +16,19 @@ Kinds:
 - wandb-csv / csv: a wandb CSV export (the run's history: `_step`, `train/global_step`, `train/...`; or a panel:
   `Step`, `<run> - train/...` with `__MIN`/`__MAX`), or any CSV with a step column.
 - jsonl: the plugin's own log, or any JSON-lines file with a step key.
+- console: a hand-written training loop's (or callback's) printed lines, one a step: the word `step` and its number,
+  and `name=value` or `name: value` pairs (`[Step 12] reward=0.41 completions/mean_length=311.2`,
+  `GRPO step 10/500 | loss: 0.0001 | mean_reward: 0.78 | KL: 0.0001`); lines with fewer than two pairs are not steps,
+  and only the loop's own print is read (the most frequent form of line). A log with both TRL's dicts and such lines
+  is read as the one holding more values.
 - notebook: a Jupyter notebook's saved outputs: the progress table a Trainer draws in the training cell
-  (transformers' NotebookProgressCallback, with every logged metric as Unsloth draws it), else its printed dicts.
+  (transformers' NotebookProgressCallback, with every logged metric as Unsloth draws it); where there is none, or it
+  shows the loss alone, the Trainer dicts or console lines it printed, whichever hold more values.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import html as htmllib
 import io
@@ -32,12 +39,14 @@ from pathlib import Path
 
 from openrlhf_bai.errors import BAIError
 
-KINDS = ("stdout", "verl", "trl", "trainer-state", "tensorboard", "wandb-csv", "csv", "jsonl", "notebook")
-LINE_KINDS = ("stdout", "verl", "trl", "wandb-csv", "csv", "jsonl")  # read up to their last newline (_read_lines)
+KINDS = ("stdout", "verl", "trl", "trainer-state", "tensorboard", "wandb-csv", "csv", "jsonl", "notebook", "console")
+# read up to their last newline (_read_lines)
+LINE_KINDS = ("stdout", "verl", "trl", "wandb-csv", "csv", "jsonl", "console")
 EXPECTED = (
     "an OpenRLHF stdout log ('✨ Global step N: {...}'), a verl console log ('step:N - key:value - ...'), "
     "a TRL/Hugging Face console log ({'loss': ...} lines) or trainer_state.json, a TensorBoard event directory, "
-    "a CSV / JSONL file with a step column, or a Jupyter notebook with its outputs"
+    "a CSV / JSONL file with a step column, a Jupyter notebook with its outputs, or printed lines with a step and "
+    "name=value pairs ('[Step N] reward=0.4 kl=0.01')"
 )
 
 STEP_LINE = re.compile(r"Global step (\d+): (\{.*)$")
@@ -50,6 +59,12 @@ NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf))"
 # Newer transformers print the Trainer's values as strings ('loss': '-0.007415'): an optional quote around it.
 DICT_ITEM = re.compile(r"'([^'\\]+)':\s*'?(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(?![\w.])")
 VERL_ITEM = re.compile(r"([^\s:][^:]*?):(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"\)?(?: - |\s*$)")
+# A hand-written loop's line: the word "step" (also global_step, [Step N], step: N, step N/500) and its number ...
+CONSOLE_STEP = re.compile(r"(?<![A-Za-z])step(?![A-Za-z])['\"]?\]?\s*[:=#]?\s*(\d+)(?:\s*/\s*\d+)?\]?", re.I)
+# ... and name=value / name: value pairs (a space after the colon: a logger's "ppo_trainer.py:551]" is none; a name
+# may hold spaces, "Avg Response Len: 271.38", or quotes, as in JSON with its step: {"step": 3, "logs": {...}}).
+CONSOLE_ITEM = re.compile(r"['\"]?([A-Za-z_][\w./-]*(?: [A-Za-z_][\w./-]*)*)['\"]?\s*(?:=\s*|:\s+)"
+                          r"(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(?![\w.])")
 NOTEBOOK_ROW = re.compile(r"<tr[^>]*>(.*?)</tr>", re.S)  # the table transformers' notebook callback draws
 NOTEBOOK_CELL = re.compile(r"<t[hd][^>]*>(.*?)</t[hd]>", re.S)
 NOTEBOOK_STEP = re.compile(r"<th[^>]*>\s*Step\s*</th>")  # its first header, in a notebook or pasted elsewhere
@@ -66,7 +81,8 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
     first_line = next((line for line in head.splitlines() if line.strip()), "").strip()
     if path.suffix == ".ipynb" or first_line.startswith("{") and '"nbformat"' in head or NOTEBOOK_STEP.search(head):
         return "notebook"
-    if first_line.startswith("{") and '"log_history"' in head or first_line.startswith("[") and '"step"' in head:
+    list_start = re.match(r"\[\s*(\{|$)", first_line)  # not "[2026-03-17 09:54:59] WARNING ..."
+    if first_line.startswith("{") and '"log_history"' in head or list_start and '"step"' in head:
         return "trainer-state"  # or the log_history list alone (json.dump(trainer.state.log_history, f))
     if first_line.startswith("{\""):
         return "jsonl"
@@ -75,8 +91,11 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
         return "stdout"
     if re.search(VERL_LINE.pattern, clean, re.MULTILINE):
         return "verl"
-    if any(_trl_log(segment) for segment in re.split(r"[\r\n]", clean)):
-        return "trl"
+    # A loop may print its own step lines and a Trainer-style dict once an epoch; a log may hold an SFT phase's
+    # "step 10/611 loss=... lr=..." before the GRPO Trainer's dicts: of the two, the one holding more values is read.
+    dicts, step_lines = _trl_rows(clean, 1), _console_rows(clean)
+    if dicts or step_lines:
+        return "trl" if _value_count(dicts) >= _value_count(step_lines) else "console"
     header = [column.strip() for column in next(csv.reader([first_line]), [])]
     if len(header) > 1:
         if any(column in WANDB_STEP_COLUMNS for column in header):
@@ -106,6 +125,7 @@ def read_rows(path: str | Path, kind: str | None = None, step_key: str | None = 
         "trainer-state": _read_trainer_state, "tensorboard": _read_tensorboard,
         "wandb-csv": lambda p: _read_csv(p, step_key), "csv": lambda p: _read_csv(p, step_key),
         "jsonl": lambda p: _read_jsonl(p, step_key), "notebook": lambda p: _read_notebook(p, logging_steps),
+        "console": lambda p: _console_rows(_read_lines(p)),
     }
     rows = readers[kind](path)
     if not rows:
@@ -288,6 +308,35 @@ def _trl_rows(text: str, logging_steps: int) -> Rows:
     return rows
 
 
+def _console_step(segment: str) -> tuple[str, int, dict] | None:
+    """(form, step, metrics) of one printed line, or None: a line with the word step and its number, and two or more
+    name=value / name: value pairs besides it (so "Step 3: generating 2 candidates..." is no step). Its form is the
+    line up to the step's number without digits and spaces (a timestamp, "%3d" padding): one print statement."""
+    match = CONSOLE_STEP.search(segment)
+    if not match:
+        return None
+    rest = segment[: match.start()] + " | " + segment[match.end():]
+    metrics = {_strip(name): float(value) for name, value in CONSOLE_ITEM.findall(rest)}
+    form = re.sub(r"[\d\s]", "", segment[: match.start(1)])
+    return (form, int(match.group(1)), metrics) if len(metrics) >= 2 else None
+
+
+def _console_rows(text: str) -> Rows:
+    lines = [line for line in map(_console_step, re.split(r"[\r\n]", ANSI_ESCAPE.sub("", text))) if line]
+    # Other step lines share a console (DeepSpeed's "epoch=0/micro_step=10/global_step=10, RunningAvgSamplesPerSec=..."
+    # every 10 steps; per-question records pasted after the steps): the loop's own print is the most frequent form.
+    forms = collections.Counter(form for form, _, _ in lines).most_common(1)
+    rows = Rows()
+    for form, step, metrics in lines:
+        if form == forms[0][0]:
+            _append(rows, step, metrics)
+    return rows
+
+
+def _value_count(rows: list) -> int:
+    return sum(len(metrics) for _, metrics in rows)
+
+
 def _read_notebook(path: Path, logging_steps: int) -> list:
     text = _read_text(path)
     outputs: list = [{"data": {"text/html": text}}]  # an HTML page, or a table pasted into Markdown
@@ -314,10 +363,14 @@ def _read_notebook(path: Path, logging_steps: int) -> list:
                     metrics = {name: _number(value) for name, value in zip(names[1:], values[1:])}
                     _append(table_rows, int(step), {k: v for k, v in metrics.items() if v is not None})
         printed += _joined(output.get("text")) + "\n"
-    rows = table_rows or _trl_rows(printed, logging_steps)
+    # The Trainer's table, unless it shows the loss alone (plain transformers) while the notebook printed the metrics
+    # (a callback's "[Step N] name=value" lines, the Trainer's dicts): then the source holding the most values.
+    shown = {name for _, metrics in table_rows for name in metrics}
+    candidates = (table_rows, _trl_rows(printed, logging_steps), _console_rows(printed))
+    rows = table_rows if shown - {"loss"} else max(candidates, key=_value_count)
     if not rows:
-        raise BAIError(f"{path}: no Trainer progress table (Step, Training Loss, ...) or printed Trainer dicts in it "
-                       "(a notebook saved without its outputs?)")
+        raise BAIError(f"{path}: no Trainer progress table (Step, Training Loss, ...), printed Trainer dicts or "
+                       "'[Step N] name=value' lines in it (a notebook saved without its outputs?)")
     return rows
 
 
