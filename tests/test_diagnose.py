@@ -706,11 +706,23 @@ def test_a_hand_written_loops_printed_step_lines_are_read(tmp_path, capsys):
     status, out, _ = diagnose(capsys, write_console_log(tmp_path / "healthy.txt", "healthy"), "--fail-on", "collapse")
     assert status == 0 and "YES" not in out
 
-    # One name=value pair is no step line (a loss printed with a timing), nor is DeepSpeed's step line: refused.
+    # No step lines, each from a real log: one name=value pair (a loss printed with a timing), DeepSpeed's step and
+    # throughput lines, a Lightning bar's train_loss_step=1.460 (the step of a loss's integer part): refused.
     other = tmp_path / "train.log"
-    other.write_text("[step 1] loss=22.8647 (83.8s)\n[Rank 0] step=10, skipped=0, lr=[1e-06], mom=[(0.9, 0.95)]\n")
+    other.write_text(
+        "[step 1] loss=22.8647 (83.8s)\n[Rank 0] step=10, skipped=0, lr=[1e-06], mom=[(0.9, 0.95)]\n"
+        "[2025-04-09 01:47:22,103] [INFO] [timer.py:215:stop] epoch=0/micro_step=10/global_step=10, "
+        "RunningAvgSamplesPerSec=0.68, CurrSamplesPerSec=0.98, MemAllocated=5.02GB\n"
+        "Epoch 9: 100%|##########| 860/860 [00:05<00:00, 162.25it/s, v_num=1, train_loss_step=1.460, lr=0.00161, "
+        "val_loss=0.132]\n")
     status, _, err = diagnose(capsys, other)
     assert status == 1 and "not a training log of a known format" in err and len(err.strip().splitlines()) == 1
+    # A verl run that crashed before step 1: its first line's timestamp holds a comma, which makes no CSV header.
+    crashed = tmp_path / "grpo.log"
+    crashed.write_text("2025-02-25 19:42:16,238\tINFO worker.py:1841 -- Started a local Ray instance.\n"
+                       "(main_task pid=2105103) {'actor_rollout_ref': {'actor': {'clip_ratio': 0.2,\n")
+    status, _, err = diagnose(capsys, crashed)
+    assert status == 1 and "not a training log of a known format" in err and "--step-key" not in err
 
 
 def test_a_log_of_several_line_formats_is_read_as_the_loops_own_steps(tmp_path, capsys):
@@ -741,6 +753,17 @@ def test_a_log_of_several_line_formats_is_read_as_the_loops_own_steps(tmp_path, 
         assert [metrics["response_length"] for _, metrics in rows] == pytest.approx([x for _, x, _ in steps], abs=0.05)
         status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
         assert status == 3 and "YES at step" in out
+
+    # JunyiJ/PostTraining-LLM-Small: "Step: N | Loss: ... | KL: ..." each step and "[step N] avg_loss=... acc=..."
+    # every few steps, another form naming other metrics at the same steps: both are the loop's print.
+    two_forms = tmp_path / "ppo.log"
+    two_forms.write_text("".join(
+        f"Step: {step} | Loss: 0.0047 | KL: -0.0000 | response_length: {length:.1f}\n"
+        + (f"[step {step}] avg_loss=0.0047 acc={reward:.4f}\n" if step % 5 == 0 else "")
+        for step, length, reward in steps))
+    kind, rows = read_rows(two_forms)
+    assert kind == "console" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert rows[4][1]["acc"] == round(steps[4][2], 4) and "acc" not in rows[0][1] and rows[4][1]["KL"] == 0
 
     # trl-qwen25-05b-grpo-kl-thousands-*: an SFT phase printed "step N/611 loss=... lr=..." (more lines) before the
     # GRPO Trainer's dicts (more values): the dicts are the run.

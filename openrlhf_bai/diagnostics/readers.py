@@ -19,8 +19,8 @@ Kinds:
 - console: a hand-written training loop's (or callback's) printed lines, one a step: the word `step` and its number,
   and `name=value` or `name: value` pairs (`[Step 12] reward=0.41 completions/mean_length=311.2`,
   `GRPO step 10/500 | loss: 0.0001 | mean_reward: 0.78 | KL: 0.0001`); lines with fewer than two pairs are not steps,
-  and only the loop's own print is read (the most frequent form of line). A log with both TRL's dicts and such lines
-  is read as the one holding more values.
+  and only the loop's own print is read (the most frequent form of line, with forms printed at its steps that name other
+  metrics; not DeepSpeed's throughput lines). A log with both TRL's dicts and such lines is read as the one holding more values.
 - notebook: a Jupyter notebook's saved outputs: the progress table a Trainer draws in the training cell
   (transformers' NotebookProgressCallback, with every logged metric as Unsloth draws it); where there is none, or it
   shows the loss alone, the Trainer dicts or console lines it printed, whichever hold more values.
@@ -28,7 +28,6 @@ Kinds:
 
 from __future__ import annotations
 
-import collections
 import csv
 import html as htmllib
 import io
@@ -59,8 +58,11 @@ NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf))"
 # Newer transformers print the Trainer's values as strings ('loss': '-0.007415'): an optional quote around it.
 DICT_ITEM = re.compile(r"'([^'\\]+)':\s*'?(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(?![\w.])")
 VERL_ITEM = re.compile(r"([^\s:][^:]*?):(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"\)?(?: - |\s*$)")
-# A hand-written loop's line: the word "step" (also global_step, [Step N], step: N, step N/500) and its number ...
-CONSOLE_STEP = re.compile(r"(?<![A-Za-z])step(?![A-Za-z])['\"]?\]?\s*[:=#]?\s*(\d+)(?:\s*/\s*\d+)?\]?", re.I)
+# A hand-written loop's line: the word "step" or "global_step" ([Step N], step: N, step N/500) and its whole number
+# (not micro_step=40, nor Lightning's train_loss_step=1.460) ...
+CONSOLE_STEP = re.compile(
+    r"(?<![\w.])(?:global_)?step(?!\w)['\"]?\]?\s*[:=#]?\s*(\d+)(?![.\d])(?:\s*/\s*\d+)?\]?", re.I)
+DEEPSPEED_TIMER = re.compile(r"micro_step=\d+/global_step=\d+")  # its throughput line, every steps_per_print steps
 # ... and name=value / name: value pairs (a space after the colon: a logger's "ppo_trainer.py:551]" is none; a name
 # may hold spaces, "Avg Response Len: 271.38", or quotes, as in JSON with its step: {"step": 3, "logs": {...}}).
 CONSOLE_ITEM = re.compile(r"['\"]?([A-Za-z_][\w./-]*(?: [A-Za-z_][\w./-]*)*)['\"]?\s*(?:=\s*|:\s+)"
@@ -103,7 +105,9 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
         if any(column in (step_key, *STEP_KEYS) for column in header):
             return "csv"
         second = next((line for line in head.splitlines()[1:] if line.strip()), "")
-        if len(next(csv.reader([second]), [])) == len(header):  # a table, whose step column has a name of its own
+        # A table, whose step column has a name of its own; not a log whose timestamps hold a comma
+        # ("2025-06-20 05:18:00,305  INFO worker.py:1832 -- Started a local Ray instance").
+        if len(next(csv.reader([second]), [])) == len(header) and not any(c[:1].isdigit() for c in header):
             columns = ", ".join(header[:6]) + (", ..." if len(header) > 6 else "")
             raise BAIError(f"{path}: a CSV file without a step column (looked for {', '.join(STEP_KEYS)}); name "
                            f"it with --step-key (its columns: {columns})")
@@ -313,7 +317,7 @@ def _console_step(segment: str) -> tuple[str, int, dict] | None:
     name=value / name: value pairs besides it (so "Step 3: generating 2 candidates..." is no step). Its form is the
     line up to the step's number without digits and spaces (a timestamp, "%3d" padding): one print statement."""
     match = CONSOLE_STEP.search(segment)
-    if not match:
+    if not match or DEEPSPEED_TIMER.search(segment):
         return None
     rest = segment[: match.start()] + " | " + segment[match.end():]
     metrics = {_strip(name): float(value) for name, value in CONSOLE_ITEM.findall(rest)}
@@ -322,14 +326,25 @@ def _console_step(segment: str) -> tuple[str, int, dict] | None:
 
 
 def _console_rows(text: str) -> Rows:
-    lines = [line for line in map(_console_step, re.split(r"[\r\n]", ANSI_ESCAPE.sub("", text))) if line]
-    # Other step lines share a console (DeepSpeed's "epoch=0/micro_step=10/global_step=10, RunningAvgSamplesPerSec=..."
-    # every 10 steps; per-question records pasted after the steps): the loop's own print is the most frequent form.
-    forms = collections.Counter(form for form, _, _ in lines).most_common(1)
+    forms: dict[str, list] = {}
+    for line in map(_console_step, re.split(r"[\r\n]", ANSI_ESCAPE.sub("", text))):
+        if line:
+            forms.setdefault(line[0], []).append(line[1:])
+    # The loop's own print is its most frequent form of line. Another form is part of it where it was printed at its
+    # steps with other metrics ("Step: 11 | Loss: ..." and "[step 11] avg_loss=... acc=..."); not where it names the
+    # same metrics (per-question records of another log pasted after the steps).
+    main = max(forms.values(), key=len, default=[])
+    at = {step: i for i, (step, _) in enumerate(main)}  # a step's last line (a resumed run prints some twice)
+    merged = [dict(metrics) for _, metrics in main]
+    names = set().union(*merged)
+    for lines in forms.values():
+        if lines is not main and all(step in at for step, _ in lines) and not names & {
+                name for _, metrics in lines for name in metrics}:
+            for step, metrics in lines:
+                merged[at[step]].update(metrics)
     rows = Rows()
-    for form, step, metrics in lines:
-        if form == forms[0][0]:
-            _append(rows, step, metrics)
+    for (step, _), metrics in zip(main, merged):
+        _append(rows, step, metrics)
     return rows
 
 
