@@ -20,7 +20,8 @@ Kinds:
   and `name=value` or `name: value` pairs (`[Step 12] reward=0.41 completions/mean_length=311.2`,
   `GRPO step 10/500 | loss: 0.0001 | mean_reward: 0.78 | KL: 0.0001`); lines with fewer than two pairs are not steps,
   and only the loop's own print is read (the most frequent form of line, with forms printed at its steps that name
-  other metrics; not DeepSpeed's throughput lines). A log with both TRL's dicts and such lines is read as the one holding more values.
+  other metrics; not DeepSpeed's throughput lines). A log with both TRL's dicts and such lines is read as the one
+  holding more values.
 - notebook: a Jupyter notebook's saved outputs: the progress table a Trainer draws in the training cell
   (transformers' NotebookProgressCallback, with every logged metric as Unsloth draws it); where there is none, or it
   shows the loss alone, the Trainer dicts or console lines it printed, whichever hold more values.
