@@ -706,6 +706,19 @@ def test_a_hand_written_loops_printed_step_lines_are_read(tmp_path, capsys):
     status, out, _ = diagnose(capsys, write_console_log(tmp_path / "healthy.txt", "healthy"), "--fail-on", "collapse")
     assert status == 0 and "YES" not in out
 
+    # MiniMind's GRPO trainer counts its steps in brackets and names its metrics in words (coicozoi-*'s log).
+    minimind = tmp_path / "grpo.log"
+    minimind.write_text("".join(
+        f"Epoch:[1/1]({step}/9751), Reward: {reward:.4f}, KL_ref: 0.0002, Adv Std: 0.9257, Actor Loss: 0.0000, "
+        f"Avg Response Len: {length:.2f}, Learning Rate: 0.00000030\n"
+        for step, length, reward in series("collapsing")))
+    kind, rows = read_rows(minimind)
+    assert kind == "console" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert rows[0][1]["Avg Response Len"] == round(series("collapsing")[0][1], 2)
+    status, out, _ = diagnose(capsys, minimind, "--length-key", "Avg Response Len", "--reward-key", "Reward",
+                              "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out
+
     # No step lines, each from a real log: one name=value pair (a loss printed with a timing), DeepSpeed's step and
     # throughput lines, a Lightning bar's train_loss_step=1.460 (the step of a loss's integer part): refused.
     other = tmp_path / "train.log"

@@ -219,7 +219,7 @@ def test_every_relative_link_and_anchor_resolves():
     pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *DOCS]
     checked = 0
     for page in pages:
-        text = FENCE.sub("", page.read_text())
+        text = re.sub(r"`[^`\n]*`", "", FENCE.sub("", page.read_text()))  # no link inside code, as Markdown reads it
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
             if re.match(r"[a-z]+://", target):
                 continue

@@ -16,9 +16,10 @@ Kinds:
 - wandb-csv / csv: a wandb CSV export (the run's history: `_step`, `train/global_step`, `train/...`; or a panel:
   `Step`, `<run> - train/...` with `__MIN`/`__MAX`), or any CSV with a step column.
 - jsonl: the plugin's own log, or any JSON-lines file with a step key.
-- console: a hand-written training loop's (or callback's) printed lines, one a step: the word `step` and its number,
-  and `name=value` or `name: value` pairs (`[Step 12] reward=0.41 completions/mean_length=311.2`,
-  `GRPO step 10/500 | loss: 0.0001 | mean_reward: 0.78 | KL: 0.0001`); lines with fewer than two pairs are not steps,
+- console: a hand-written training loop's (or callback's) printed lines, one a step: the word `step` and its number
+  (or a counter in brackets, MiniMind's `(10/9751)`), and `name=value` or `name: value` pairs (`[Step 12] reward=0.41
+  completions/mean_length=311.2`, `GRPO step 10/500 | loss: 0.0001 | mean_reward: 0.78 | KL: 0.0001`,
+  `Epoch:[1/1](10/9751), Reward: 0.38, Avg Response Len: 271.38`); lines with fewer than two pairs are not steps,
   and only the loop's own print is read (the most frequent form of line, with forms printed at its steps that name
   other metrics; not DeepSpeed's throughput lines). A log with both TRL's dicts and such lines is read as the one
   holding more values.
@@ -60,9 +61,10 @@ NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf))"
 DICT_ITEM = re.compile(r"'([^'\\]+)':\s*'?(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(?![\w.])")
 VERL_ITEM = re.compile(r"([^\s:][^:]*?):(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"\)?(?: - |\s*$)")
 # A hand-written loop's line: the word "step" or "global_step" ([Step N], step: N, step N/500) and its whole number
-# (not micro_step=40, nor Lightning's train_loss_step=1.460) ...
-CONSOLE_STEP = re.compile(
-    r"(?<![\w.])(?:global_)?step(?!\w)['\"]?\]?\s*[:=#]?\s*(\d+)(?![.\d])(?:\s*/\s*\d+)?\]?", re.I)
+# (not micro_step=40, nor Lightning's train_loss_step=1.460), or a step counter in brackets, as MiniMind prints it
+# ("Epoch:[1/1](10/9751), Reward: ...") ...
+CONSOLE_STEP = re.compile(r"(?:(?<![\w.])(?:global_)?step(?!\w)['\"]?\]?\s*[:=#]?\s*|\((?=\d+/\d+\)))"
+                          r"(\d+)(?![.\d])(?:\s*/\s*\d+)?\]?", re.I)
 DEEPSPEED_TIMER = re.compile(r"micro_step=\d+/global_step=\d+")  # its throughput line, every steps_per_print steps
 # ... and name=value / name: value pairs (a space after the colon: a logger's "ppo_trainer.py:551]" is none; a name
 # may hold spaces, "Avg Response Len: 271.38", or quotes, as in JSON with its step: {"step": 3, "logs": {...}}).
