@@ -316,7 +316,7 @@ def _trl_rows(text: str, logging_steps: int) -> Rows:
 
 
 def _console_step(segment: str) -> tuple[str, int, dict] | None:
-    """(form, step, metrics) of one printed line, or None: a line with the word step and its number, and two or more
+    """(form, step, metrics) of one printed line, or None: a line with a step (CONSOLE_STEP) and two or more
     name=value / name: value pairs besides it (so "Step 3: generating 2 candidates..." is no step). Its form is the
     line up to the step's number without digits and spaces (a timestamp, "%3d" padding): one print statement."""
     match = CONSOLE_STEP.search(segment)
