@@ -613,6 +613,19 @@ def test_an_event_file_named_otherwise_is_read_as_tensorboard_reads_it(tmp_path)
     assert [step for step, _ in read_rows(run)[1]] == list(range(1, STEPS + 1))
 
 
+def test_llama_factorys_trainer_log_is_read_by_its_current_steps(tmp_path, capsys):
+    # LLaMA-Factory's LogCallback writes trainer_log.jsonl with its step as "current_steps" (PPO logs a reward).
+    path = tmp_path / "trainer_log.jsonl"
+    path.write_text("".join(json.dumps({"current_steps": step, "total_steps": STEPS, "loss": 0.1, "reward": reward,
+                                        "lr": 1e-6, "epoch": step / STEPS, "percentage": 100 * step / STEPS,
+                                        "elapsed_time": "0:00:27", "remaining_time": "0:01:35"}) + "\n"
+                            for step, _, reward in series("collapsing")))
+    kind, rows = read_rows(path)
+    assert kind == "jsonl" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    status, out, _ = diagnose(capsys, path, "--fail-on", "hockey")
+    assert status == 3 and "YES drop at step" in out
+
+
 def test_verls_file_logger_jsonl_is_read_with_its_metrics(tmp_path, capsys):
     # verl's FileLogger (verl/utils/tracking.py) writes json.dumps({"step": step, "data": data}) per line.
     path = tmp_path / "metrics.jsonl"
@@ -730,12 +743,25 @@ def test_a_hand_written_loops_printed_step_lines_are_read(tmp_path, capsys):
         "val_loss=0.132]\n")
     status, _, err = diagnose(capsys, other)
     assert status == 1 and "not a training log of a known format" in err and len(err.strip().splitlines()) == 1
-    # A verl run that crashed before step 1: its first line's timestamp holds a comma, which makes no CSV header.
+    # A verl run that crashed before step 1 (its first line's timestamp holds a comma) and a CleanRL loop's
+    # "global step=22528, episodic return=14.8" lines: no CSV header, so no advice to name its step column.
     crashed = tmp_path / "grpo.log"
     crashed.write_text("2025-02-25 19:42:16,238\tINFO worker.py:1841 -- Started a local Ray instance.\n"
                        "(main_task pid=2105103) {'actor_rollout_ref': {'actor': {'clip_ratio': 0.2,\n")
-    status, _, err = diagnose(capsys, crashed)
-    assert status == 1 and "not a training log of a known format" in err and "--step-key" not in err
+    cleanrl = tmp_path / "output.log"
+    cleanrl.write_text("global step=22528, episodic return=14.838737487792969\n" * 2)
+    for path in (crashed, cleanrl):
+        status, _, err = diagnose(capsys, path)
+        assert status == 1 and "not a training log of a known format" in err and "--step-key" not in err
+
+    # nanochat prints its throughput with thousands separators: read whole, as 4883, not 4.
+    nanochat = tmp_path / "pretrain.log"
+    nanochat.write_text("".join(f"step {step:05d}/00040 ({step * 2.5:.2f}%) | loss: 10.397162 | lrm: 0.01 | "
+                                f"dt: 1677.49ms | tok/sec: 4,883 | reward: {reward:.4f} | total: 1,234,567.5\n"
+                                for step, _, reward in series("collapsing")))
+    kind, rows = read_rows(nanochat)
+    assert kind == "console" and rows[0][1] == {"loss": 10.397162, "lrm": 0.01, "tok/sec": 4883.0,
+                                                "reward": round(series("collapsing")[0][2], 4), "total": 1234567.5}
 
 
 def test_a_log_of_several_line_formats_is_read_as_the_loops_own_steps(tmp_path, capsys):

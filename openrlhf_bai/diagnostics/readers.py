@@ -67,14 +67,17 @@ CONSOLE_STEP = re.compile(r"(?:(?<![\w.])(?:global_)?step(?!\w)['\"]?\]?\s*[:=#]
                           r"(\d+)(?![.\d])(?:\s*/\s*\d+)?\]?", re.I)
 DEEPSPEED_TIMER = re.compile(r"micro_step=\d+/global_step=\d+")  # its throughput line, every steps_per_print steps
 # ... and name=value / name: value pairs (a space after the colon: a logger's "ppo_trainer.py:551]" is none; a name
-# may hold spaces, "Avg Response Len: 271.38", or quotes, as in JSON with its step: {"step": 3, "logs": {...}}).
+# may hold spaces, "Avg Response Len: 271.38", or quotes, as in JSON with its step: {"step": 3, "logs": {...}}; a
+# value may have thousands separators, "tok/sec: 4,883", and one with a decimal comma, "0,5", is not read).
 CONSOLE_ITEM = re.compile(r"['\"]?([A-Za-z_][\w./-]*(?: [A-Za-z_][\w./-]*)*)['\"]?\s*(?:=\s*|:\s+)"
-                          r"(?:[A-Za-z_][\w.]*\()?" + NUMBER + r"(?![\w.])")
+                          r"(?:[A-Za-z_][\w.]*\()?(\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|" + NUMBER[1:-1]
+                          + r")(?![\w.]|,\d)")
 NOTEBOOK_ROW = re.compile(r"<tr[^>]*>(.*?)</tr>", re.S)  # the table transformers' notebook callback draws
 NOTEBOOK_CELL = re.compile(r"<t[hd][^>]*>(.*?)</t[hd]>", re.S)
 NOTEBOOK_STEP = re.compile(r"<th[^>]*>\s*Step\s*</th>")  # its first header, in a notebook or pasted elsewhere
 WANDB_STEP_COLUMNS = ("train/global_step", "Step", "_step")  # most exact first
-STEP_KEYS = WANDB_STEP_COLUMNS + ("step", "global_step", "trainer/global_step")
+STEP_KEYS = WANDB_STEP_COLUMNS + ("step", "global_step", "trainer/global_step",
+                                  "current_steps")  # LLaMA-Factory's trainer_log.jsonl
 EVENT_FILE_GLOB = "*tfevents*"  # as TensorBoard: any file whose name holds "tfevents"
 DETECT_BYTES = 4 << 20  # enough to get past a long start-up before the first logged step
 
@@ -109,8 +112,9 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
             return "csv"
         second = next((line for line in head.splitlines()[1:] if line.strip()), "")
         # A table, whose step column has a name of its own; not a log whose timestamps hold a comma
-        # ("2025-06-20 05:18:00,305  INFO worker.py:1832 -- Started a local Ray instance").
-        if len(next(csv.reader([second]), [])) == len(header) and not any(c[:1].isdigit() for c in header):
+        # ("2025-06-20 05:18:00,305  INFO worker.py:1832 ...") nor lines of name=value pairs.
+        named = not any(c[:1].isdigit() or "=" in c for c in header)
+        if len(next(csv.reader([second]), [])) == len(header) and named:
             columns = ", ".join(header[:6]) + (", ..." if len(header) > 6 else "")
             raise BAIError(f"{path}: a CSV file without a step column (looked for {', '.join(STEP_KEYS)}); name "
                            f"it with --step-key (its columns: {columns})")
@@ -227,7 +231,8 @@ def _read_jsonl(path: Path, step_key: str | None = None) -> list:
         step = _number(record[key]) if key else None
         if step is None:
             wanted = " or ".join(f'"{k}"' for k in keys)
-            raise BAIError(f"{path}:{lineno}: no {wanted} in this line; expected one {{\"step\": N, ...}} per line")
+            raise BAIError(f"{path}:{lineno}: no {wanted} in this line; expected one {{\"step\": N, ...}} per line "
+                           "(name yours with --step-key)")
         if not math.isfinite(step):
             continue  # a NaN or infinite step, as in every reader: no step to put it at
         values = record["data"] if isinstance(record.get("data"), dict) else record  # verl: {"step": N, "data": {...}}
@@ -323,7 +328,7 @@ def _console_step(segment: str) -> tuple[str, int, dict] | None:
     if not match or DEEPSPEED_TIMER.search(segment):
         return None
     rest = segment[: match.start()] + " | " + segment[match.end():]
-    metrics = {_strip(name): float(value) for name, value in CONSOLE_ITEM.findall(rest)}
+    metrics = {_strip(name): float(value.replace(",", "")) for name, value in CONSOLE_ITEM.findall(rest)}
     form = re.sub(r"[\d\s]", "", segment[: match.start(1)])
     return (form, int(match.group(1)), metrics) if len(metrics) >= 2 else None
 
