@@ -626,6 +626,23 @@ def test_llama_factorys_trainer_log_is_read_by_its_current_steps(tmp_path, capsy
     assert status == 3 and "YES drop at step" in out
 
 
+def test_ms_swifts_logging_jsonl_is_read_by_its_global_step_of_max_steps(tmp_path, capsys):
+    # ms-swift's GRPO writes logging.jsonl: TRL's names, the step as "global_step/max_steps": "12/500", strings for
+    # its progress, an eval line at a step, and a closing summary holding the log_history.
+    path = tmp_path / "logging.jsonl"
+    lines = [{"loss": 0.01, "completions/mean_length": length, "reward": reward, "kl": 0.001, "epoch": step / STEPS,
+              "global_step/max_steps": f"{step}/{STEPS}", "percentage": f"{100 * step / STEPS:.2f}%",
+              "elapsed_time": "6s", "memory(GiB)": 15.97} for step, length, reward in series("collapsing")]
+    lines.insert(10, {"eval_loss": 0.1, "global_step/max_steps": f"10/{STEPS}", "percentage": "25.00%"})
+    lines.append({"last_model_checkpoint": "output/v0/checkpoint-40", "global_step": STEPS, "log_history": [{}]})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    kind, rows = read_rows(path)
+    assert kind == "jsonl" and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert rows[9][1]["eval_loss"] == 0.1 and rows[0][1]["completions/mean_length"] == series("collapsing")[0][1]
+    status, out, _ = diagnose(capsys, path, "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out
+
+
 def test_verls_file_logger_jsonl_is_read_with_its_metrics(tmp_path, capsys):
     # verl's FileLogger (verl/utils/tracking.py) writes json.dumps({"step": step, "data": data}) per line.
     path = tmp_path / "metrics.jsonl"

@@ -77,7 +77,8 @@ NOTEBOOK_CELL = re.compile(r"<t[hd][^>]*>(.*?)</t[hd]>", re.S)
 NOTEBOOK_STEP = re.compile(r"<th[^>]*>\s*Step\s*</th>")  # its first header, in a notebook or pasted elsewhere
 WANDB_STEP_COLUMNS = ("train/global_step", "Step", "_step")  # most exact first
 STEP_KEYS = WANDB_STEP_COLUMNS + ("step", "global_step", "trainer/global_step",
-                                  "current_steps")  # LLaMA-Factory's trainer_log.jsonl
+                                  "current_steps",  # LLaMA-Factory's trainer_log.jsonl
+                                  "global_step/max_steps")  # ms-swift's logging.jsonl: "12/500"
 EVENT_FILE_GLOB = "*tfevents*"  # as TensorBoard: any file whose name holds "tfevents"
 DETECT_BYTES = 4 << 20  # enough to get past a long start-up before the first logged step
 
@@ -89,6 +90,12 @@ def detect_kind(path: Path, step_key: str | None = None) -> str:
     first_line = next((line for line in head.splitlines() if line.strip()), "").strip()
     if path.suffix == ".ipynb" or first_line.startswith("{") and '"nbformat"' in head or NOTEBOOK_STEP.search(head):
         return "notebook"
+    try:  # a JSON-lines log has a whole object on its first line; a trainer_state.json is one indented document
+        first_object = json.loads(first_line) if first_line.startswith("{") else None
+    except json.JSONDecodeError:
+        first_object = None
+    if isinstance(first_object, dict) and "log_history" not in first_object:
+        return "jsonl"  # also ms-swift's logging.jsonl, whose closing summary holds the log_history
     list_start = re.match(r"\[\s*(\{|$)", first_line)  # not "[2026-03-17 09:54:59] WARNING ..."
     if first_line.startswith("{") and '"log_history"' in head or list_start and '"step"' in head:
         return "trainer-state"  # or the log_history list alone (json.dump(trainer.state.log_history, f))
@@ -228,7 +235,8 @@ def _read_jsonl(path: Path, step_key: str | None = None) -> list:
                 f"{path}:{lineno}: not a JSON object (truncated file?); expected one {{\"step\": N, ...}} per line"
             ) from None
         key = next((k for k in keys if isinstance(record, dict) and k in record), None)
-        step = _number(record[key]) if key else None
+        value = record[key] if key else None
+        step = _number(value.split("/")[0] if isinstance(value, str) else value)  # ms-swift's "12/500"
         if step is None:
             wanted = " or ".join(f'"{k}"' for k in keys)
             raise BAIError(f"{path}:{lineno}: no {wanted} in this line; expected one {{\"step\": N, ...}} per line "
