@@ -820,6 +820,15 @@ def test_a_log_of_several_line_formats_is_read_as_the_loops_own_steps(tmp_path, 
     kind, rows = read_rows(two_forms)
     assert kind == "console" and [step for step, _ in rows] == list(range(1, STEPS + 1))
     assert rows[4][1]["acc"] == round(steps[4][2], 4) and "acc" not in rows[0][1] and rows[4][1]["KL"] == 0
+    # The loop resumed from a checkpoint at step 31 (its log appended): the later lines replace steps 31-40, as in
+    # every reader.
+    two_forms.write_text(two_forms.read_text() + "".join(
+        f"Step: {step} | Loss: 0.0047 | KL: -0.0000 | response_length: 99.0\n" + (
+            f"[step {step}] avg_loss=0.0047 acc=0.9000\n" if step % 5 == 0 else "") for step in range(31, STEPS + 1)))
+    kind, rows = read_rows(two_forms)
+    assert rows.restarts == 1 and [step for step, _ in rows] == list(range(1, STEPS + 1))
+    assert rows[34][1] == {"Loss": 0.0047, "KL": 0, "response_length": 99.0, "avg_loss": 0.0047, "acc": 0.9}
+    assert rows[29][1]["response_length"] == round(steps[29][1], 1)
 
     # trl-qwen25-05b-grpo-kl-thousands-*: an SFT phase printed "step N/611 loss=... lr=..." (more lines) before the
     # GRPO Trainer's dicts (more values): the dicts are the run.

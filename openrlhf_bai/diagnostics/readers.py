@@ -397,8 +397,8 @@ def _read_notebook(path: Path, logging_steps: int) -> list:
     # The Trainer's table, unless it shows the loss alone (plain transformers) while the notebook printed the metrics
     # (a callback's "[Step N] name=value" lines, the Trainer's dicts): then the source holding the most values.
     shown = {name for _, metrics in table_rows for name in metrics}
-    candidates = (table_rows, _trl_rows(printed, logging_steps), _console_rows(printed))
-    rows = table_rows if shown - {"loss"} else max(candidates, key=_value_count)
+    rows = table_rows if shown - {"loss"} else max(
+        (table_rows, _trl_rows(printed, logging_steps), _console_rows(printed)), key=_value_count)
     if not rows:
         raise BAIError(f"{path}: no Trainer progress table (Step, Training Loss, ...), printed Trainer dicts or "
                        "'[Step N] name=value' lines in it (a notebook saved without its outputs?)")
