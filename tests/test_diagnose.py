@@ -472,7 +472,8 @@ def test_a_log_being_written_is_read_up_to_its_last_complete_line(tmp_path, caps
     before = path.read_bytes()
     detected, rows = read_rows(path)
     assert detected == kind and [step for step, _ in rows] == list(range(1, STEPS))
-    status, out, err = diagnose(capsys, path, "--fail-on", "collapse")
+    named = ("--kl-key", "KL") if kind == "console" else ()  # a loop's own name, else it is offered in a warning
+    status, out, err = diagnose(capsys, path, "--fail-on", "collapse", *named)
     # Said, for a finished log written without a final newline (8 of 134 published ones): its last step is unread.
     assert status == 3 and "YES at step" in out and err.count("\n") == 1
     assert "its last line has no newline and is not read" in err
@@ -779,6 +780,32 @@ def test_a_hand_written_loops_printed_step_lines_are_read(tmp_path, capsys):
     kind, rows = read_rows(nanochat)
     assert kind == "console" and rows[0][1] == {"loss": 10.397162, "lrm": 0.01, "tok/sec": 4883.0,
                                                 "reward": round(series("collapsing")[0][2], 4), "total": 1234567.5}
+
+
+def test_a_loops_own_metric_names_are_suggested_for_the_key_options(tmp_path, capsys):
+    """A hand-written loop names its metrics its own way (200 times in the corpus a run needs --<signal>-key): the
+    names that hold the signal's word are offered, the training level before an evaluation's or a spread's, and
+    nothing is read unasked."""
+    loop = tmp_path / "train.log"
+    loop.write_text("".join(f"step {step} | eval_reward: 0.5 | reward_std: 0.1 | mean_reward: {reward:.4f} | "
+                            f"avg_len: {length:.1f} | KL: {0.001 * step:.4f} | lr: 1e-06\n"
+                            for step, length, reward in series("collapsing")))
+    status, _, err = diagnose(capsys, loop)
+    assert status == 1 and len(err.strip().splitlines()) == 1
+    assert ("name yours with --length-key / --reward-key; it logs, for --length-key: avg_len; --reward-key: "
+            "mean_reward, eval_reward, reward_std; --kl-key: KL)") in err
+
+    status, out, err = diagnose(capsys, loop, "--reward-key", "mean_reward", "--json", tmp_path / "v.json")
+    assert status == 0 and "not assessed (no length)" in out
+    assert "no length metric (looked for rollout/response_length_mean" in err
+    assert "length collapse not assessed; it logs avg_len: pass --length-key NAME to read one as the length" in err
+    assert "KL blow-up not assessed; it logs KL: pass --kl-key NAME" in err
+    assert "entropy" not in err  # nothing named like it: most runs log no entropy, and are not warned
+    assert json.loads((tmp_path / "v.json").read_text())["kl_blowup"]["max_ratio"] is None  # not assessed
+
+    status, out, err = diagnose(capsys, loop, "--reward-key", "mean_reward", "--length-key", "avg_len", "--kl-key",
+                                "KL", "--fail-on", "collapse")
+    assert status == 3 and "YES at step" in out and err == ""
 
 
 def test_a_log_of_several_line_formats_is_read_as_the_loops_own_steps(tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,8 +26,27 @@ from openrlhf_bai.errors import BAIError
 FOUND_EXIT_STATUS = 3
 PHENOMENA = {"collapse": "length_collapse", "hockey": "hockey_stick", "entropy": "entropy_collapse",
              "kl": "kl_blowup"}
-# signal: the phenomenon judged from it; a run without length or reward gets a warning, most runs log no entropy.
-WARN_IF_MISSING = {"length": "length collapse", "reward": "hockey stick"}
+# signal: the phenomenon judged from it. A run without length or reward gets a warning; most runs log no entropy and
+# many no KL, so those warn only where the log holds a metric named like them.
+ASSESSES = {"length": "length collapse", "reward": "hockey stick", "entropy": "entropy collapse", "kl": "KL blow-up"}
+ALWAYS_WARN = ("length", "reward")
+# Words of a signal's name in hand-written loops (`KL`, `mean_reward`, `avg_len`, `token_entropy`): a name holding one
+# is suggested for --<signal>-key, never read unasked (a loop's `reward_std` would be taken for its reward).
+SIGNAL_WORDS = {"length": ("length", "len", "tokens"), "reward": ("reward", "score", "accuracy", "correct"),
+                "entropy": ("entropy",), "kl": ("kl",)}
+ASIDE = {"eval", "val", "test", "std", "min", "max"}
+
+
+def names_like(rows, signal: str) -> str:
+    """The logged numeric metrics whose name holds a word of `signal` (at most five, as first logged), or ""."""
+    known = {key for keys in SIGNAL_KEYS.values() for key in keys}
+    names = {key: None for _, metrics in rows for key in metrics if key not in known
+             and any(part == word or len(word) > 4 and part.startswith(word)  # rewards, tokens_per_turn
+                     for part in re.split(r"[^a-z0-9]+", key.lower()) for word in SIGNAL_WORDS[signal])}
+    numeric = [key for key in names if any(first_value(metrics, (key,)) is not None for _, metrics in rows)]
+    # The training level first: an evaluation's or a spread's name (eval_reward, reward_std) is rarely the one wanted.
+    numeric.sort(key=lambda key: bool(ASIDE & set(re.split(r"[^a-z0-9]+", key.lower()))))
+    return ", ".join(numeric[:5])
 
 
 def parse_args(argv):
@@ -118,18 +138,22 @@ def diagnose_run(run: str, args) -> dict:
     trained = [row for row in rows if any(first_value(row[1], keys) is not None for keys in SIGNAL_KEYS.values())]
     if not trained:
         looked_for = ", ".join(SIGNAL_KEYS["length"] + SIGNAL_KEYS["reward"])
+        named = "; ".join(f"--{signal}-key: {names}" for signal in SIGNAL_WORDS if (names := names_like(rows, signal)))
         raise BAIError(f"{run}: {len(rows)} steps but no response length, reward, entropy or KL in any (looked for "
-                       f"{looked_for}, ...; name yours with --length-key / --reward-key)")
+                       f"{looked_for}, ...; name yours with --length-key / --reward-key"
+                       + (f"; it logs, for {named})" if named else ")"))
     rows = trained
     missing_steps = {
         signal: sum(first_value(metrics, keys) is None for _, metrics in rows) for signal, keys in SIGNAL_KEYS.items()
     }
-    for signal, phenomenon in WARN_IF_MISSING.items():
+    for signal, phenomenon in ASSESSES.items():
         count = missing_steps[signal]
-        if count == len(rows):
+        named = names_like(rows, signal) if count == len(rows) else ""
+        if count == len(rows) and (signal in ALWAYS_WARN or named):
+            hint = f"; it logs {named}: pass --{signal}-key NAME to read one as the {signal}" if named else ""
             print(f"openrlhf-bai: warning: {run}: no {signal} metric (looked for {', '.join(SIGNAL_KEYS[signal])}); "
-                  f"{phenomenon} not assessed", file=sys.stderr)
-        elif count:
+                  f"{phenomenon} not assessed{hint}", file=sys.stderr)
+        elif count and signal in ALWAYS_WARN:
             print(f"openrlhf-bai: warning: {run}: {signal} missing at {count} of {len(rows)} steps; read the rest",
                   file=sys.stderr)
     verdict, per_step = analyze(rows, args.thresholds, cap=args.max_response_length)
