@@ -808,6 +808,47 @@ def test_a_loops_own_metric_names_are_suggested_for_the_key_options(tmp_path, ca
     assert status == 3 and "YES at step" in out and err == ""
 
 
+def test_a_steps_own_lines_of_pairs_are_read_with_it(tmp_path, capsys):
+    """DeepSpeed-Chat prints its reward on a line of its own after each step line (dsexamples-*'s original was read
+    without it); a loop may print such lines before its step line (junyij-*'s gradient magnitudes). A line printed
+    at fewer than half the steps, or holding more than pairs, is not the step's."""
+    steps = series("collapsing")
+    old = tmp_path / "step3.log"  # DeepSpeed-Chat 2023: step3_rlhf_finetuning/main.py
+    old.write_text("[2023-05-01 10:00:00,000] [INFO] [launch.py:229:main] process 1 spawned\n" + "".join(
+        f"epoch: 0|step: {step - 1}|ppo_ep: 1|act_loss: 0.2099|cri_loss: 0.1204|unsuper_loss: 0.0\n"
+        f"average reward score: {reward}\n{'-' * 85}\n"
+        f"|E2E latency=7.99s |Gather latency=0.00s (0.00%) |Generate time=5.26s (65.81%) |CurSamplesPerSec=8.01\n"
+        for step, _, reward in steps))
+    kind, rows = read_rows(old)
+    assert kind == "console" and [step for step, _ in rows] == list(range(STEPS))
+    assert [metrics["average reward score"] for _, metrics in rows] == [reward for _, _, reward in steps]
+    assert not any("CurSamplesPerSec" in metrics for _, metrics in rows)  # a line of more than pairs
+    status, out, _ = diagnose(capsys, old, "--reward-key", "average reward score", "--fail-on", "hockey")
+    assert status == 3 and "YES drop at step" in out
+
+    newer = tmp_path / "training.log"  # DeepSpeed-Chat 2024, its throughput lines between, and a 10-step evaluation
+    newer.write_text("".join(
+        f"Epoch: 0 | Step: {step} | PPO Epoch: 1 | Actor Loss: 0.21 | Critic Loss: 0.12 | Unsupervised Loss: 0.0\n"
+        f"End-to-End => Latency: 9.79s, TFLOPs: 3.10, Samples/sec: 6.54, Time/seq 0.15s, Batch Size: 64, "
+        f"Total Seq. Length: 512\nTraining   => Latency: 2.52s, TFLOPs: 3.10\n"
+        f"Average reward score: {reward} | EMA reward score: 0.1\n"
+        + (f"eval reward: {reward}\n" if step % 10 == 0 else "") + "-" * 85 + "\n"
+        for step, _, reward in steps))
+    kind, rows = read_rows(newer)
+    assert rows[0][1] == {"Epoch": 0.0, "PPO Epoch": 1.0, "Actor Loss": 0.21, "Critic Loss": 0.12,
+                          "Unsupervised Loss": 0.0, "Average reward score": steps[0][2], "EMA reward score": 0.1}
+    assert not any("eval reward" in metrics for _, metrics in rows)  # 4 of 40 steps
+
+    before = tmp_path / "ppo.log"  # printed before the step line: the step after it, where first seen
+    before.write_text("".join(
+        f"Here is the answer step by step.\nTotal distance: 124 km + 372 km = {step} km\n"
+        f"Average LoRA Gradient Magnitude: {length}\nStep: {step} | Loss: 0.0047 | KL: 0.0001\n"
+        for step, length, _ in steps))
+    kind, rows = read_rows(before)
+    assert [metrics["Average LoRA Gradient Magnitude"] for _, metrics in rows] == [n for _, n, _ in steps]
+    assert set(rows[-1][1]) == {"Loss", "KL", "Average LoRA Gradient Magnitude"}
+
+
 def test_a_log_of_several_line_formats_is_read_as_the_loops_own_steps(tmp_path, capsys):
     """Real logs hold more than one kind of line (each case below is a corpus original that was misread): the format
     holding more values is read, and of printed step lines the loop's own print (its most frequent form)."""

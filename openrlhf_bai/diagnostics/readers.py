@@ -342,24 +342,51 @@ def _console_step(segment: str) -> tuple[str, int, dict] | None:
 
 
 def _console_rows(text: str) -> Rows:
+    lines = re.split(r"[\r\n]", ANSI_ESCAPE.sub("", text))
+    parsed = [_console_step(line) for line in lines]
     forms: dict[str, list] = {}
-    for line in map(_console_step, re.split(r"[\r\n]", ANSI_ESCAPE.sub("", text))):
+    for i, line in enumerate(parsed):
         if line:
-            forms.setdefault(line[0], []).append(line[1:])
+            forms.setdefault(line[0], []).append((i, *line[1:]))
     # The loop's own print is its most frequent form of line. Another form is part of it where it was printed at its
     # steps with other metrics ("Step: 11 | Loss: ..." and "[step 11] avg_loss=... acc=..."); not where it names the
     # same metrics (per-question records of another log pasted after the steps).
     main = max(forms.values(), key=len, default=[])
-    at = {step: i for i, (step, _) in enumerate(main)}  # a step's last line (a resumed run prints some twice)
-    merged = [dict(metrics) for _, metrics in main]
+    if not main:
+        return Rows()
+    at = {step: i for i, (_, step, _) in enumerate(main)}  # a step's last line (a resumed run prints some twice)
+    merged = [dict(metrics) for _, _, metrics in main]
     names = set().union(*merged)
-    for lines in forms.values():
-        if lines is not main and all(step in at for step, _ in lines) and not names & {
-                name for _, metrics in lines for name in metrics}:
-            for step, metrics in lines:
+    for other in forms.values():
+        if other is not main and all(step in at for _, step, _ in other) and not names & {
+                name for _, _, metrics in other for name in metrics}:
+            for _, step, metrics in other:
                 merged[at[step]].update(metrics)
+    # A line of pairs alone, printed with each step (DeepSpeed-Chat's "average reward score: -0.68" after its
+    # "epoch: 0|step: 0|act_loss: ..."), is part of that step: of the step line before it, or after it where the
+    # form is first seen before any step line. Only forms printed at half the steps or more (not an evaluation every
+    # 10 steps), naming other metrics; a line with more than pairs (a sample's "Total: 124 km", a dict) is none.
+    seen: dict[tuple, list] = {}
+    k = 0  # step lines so far
+    for i, line in enumerate(lines):
+        if k < len(main) and main[k][0] == i:
+            k += 1
+        elif (not parsed[i] and line.rstrip(" |,;")[-1:].isdigit()  # a quick no for prose and most lines
+              and (pairs := CONSOLE_ITEM.findall(line)) and not CONSOLE_ITEM.sub("", line).strip(" |,;")):
+            seen.setdefault(tuple(name for name, _ in pairs), []).append((k, pairs))
+    for form, printed in seen.items():
+        after = printed[0][0] > 0  # printed after its step line
+        at_step = {}
+        for k, pairs in printed:
+            if (k - after) not in at_step and 0 <= k - after < len(main):
+                at_step[k - after] = {_strip(name): float(value.replace(",", "")) for name, value in pairs}
+        form_names = {_strip(name) for name in form}
+        if 2 * len(at_step) >= len(main) and not names & form_names:
+            names |= form_names
+            for k, metrics in at_step.items():
+                merged[k].update(metrics)
     rows = Rows()
-    for (step, _), metrics in zip(main, merged):
+    for (_, step, _), metrics in zip(main, merged):
         _append(rows, step, metrics)
     return rows
 
