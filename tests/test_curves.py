@@ -206,6 +206,10 @@ DISAGREE = {
     # Batch 30. A 0.2-or-1.2 reward at 8 samples a step sinking over 40 steps: the trailing reference and the lowest
     # level follow it down, and the fall is 3 noise units only at step 111, 36 points after the rule's onset.
     ("fortitude-qwen25-15b-grpo-6digit-add-full-ft", "hockey_stick"): "late",
+    # Batch 36 at first contact. One question x 32 answers a step: the rule's fall at step 275 (borderline, a block of
+    # hard questions, back by 350) is not raised; the slide of the 100-step mean from 0.51 (step 600) to 0.19 is, at
+    # step 800.
+    ("junyij-gemma2-2b-grpo-gsm8k-1000", "hockey_stick"): "late",
 }
 # Outcomes the labels themselves leave open (corpus.score): an event labelled borderline and not raised
 # (unsloth-gptoss-20b-bf16-grpo-kernels), a detection where the log ends before the rule can decide
