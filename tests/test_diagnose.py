@@ -847,6 +847,12 @@ def test_a_steps_own_lines_of_pairs_are_read_with_it(tmp_path, capsys):
     kind, rows = read_rows(before)
     assert [metrics["Average LoRA Gradient Magnitude"] for _, metrics in rows] == [n for _, n, _ in steps]
     assert set(rows[-1][1]) == {"Loss", "KL", "Average LoRA Gradient Magnitude"}
+    # Printed on both ends: a growing log cut before its next step line, and a reward printed once before training.
+    with before.open("a") as log:
+        log.write("Average LoRA Gradient Magnitude: 1e-05\n")
+    assert read_rows(before)[1] == rows
+    old.write_text("average reward score: -2.0\n" + old.read_text())
+    assert [metrics["average reward score"] for _, metrics in read_rows(old)[1]] == [reward for _, _, reward in steps]
 
 
 def test_a_log_of_several_line_formats_is_read_as_the_loops_own_steps(tmp_path, capsys):

@@ -363,9 +363,11 @@ def _console_rows(text: str) -> Rows:
             for _, step, metrics in other:
                 merged[at[step]].update(metrics)
     # A line of pairs alone, printed with each step (DeepSpeed-Chat's "average reward score: -0.68" after its
-    # "epoch: 0|step: 0|act_loss: ..."), is part of that step: of the step line before it, or after it where the
-    # form is first seen before any step line. Only forms printed at half the steps or more (not an evaluation every
-    # 10 steps), naming other metrics; a line with more than pairs (a sample's "Total: 124 km", a dict) is none.
+    # "epoch: 0|step: 0|act_loss: ..."), is part of that step: of the step line before it, or after it where the form
+    # is printed before the first step line and not after the last (a loop that prints it first); where it is printed
+    # on both ends (an evaluation before training, or a growing log cut before its step line), the nearer step line of
+    # most. Only forms printed at half the steps or more (not an evaluation every 10 steps), naming other metrics; a
+    # line with more than pairs (a sample's "Total: 124 km", a dict) is none.
     seen: dict[tuple, list] = {}
     k = 0  # step lines so far
     for i, line in enumerate(lines):
@@ -373,11 +375,14 @@ def _console_rows(text: str) -> Rows:
             k += 1
         elif (not parsed[i] and line.rstrip(" |,;")[-1:].isdigit()  # a quick no for prose and most lines
               and (pairs := CONSOLE_ITEM.findall(line)) and not CONSOLE_ITEM.sub("", line).strip(" |,;")):
-            seen.setdefault(tuple(name for name, _ in pairs), []).append((k, pairs))
+            seen.setdefault(tuple(name for name, _ in pairs), []).append((k, i, pairs))
     for form, printed in seen.items():
-        after = printed[0][0] > 0  # printed after its step line
+        first, last = printed[0][0] == 0, printed[-1][0] == len(main)  # printed before the first / after the last step
+        between = [(i - main[k - 1][0], main[k][0] - i) for k, i, _ in printed if 0 < k < len(main)]
+        after = last if first != last else not first or 2 * sum(behind < ahead for behind, ahead in between) >= len(
+            between)
         at_step = {}
-        for k, pairs in printed:
+        for k, _, pairs in printed:
             if (k - after) not in at_step and 0 <= k - after < len(main):
                 at_step[k - after] = {_strip(name): float(value.replace(",", "")) for name, value in pairs}
         form_names = {_strip(name) for name in form}
