@@ -378,9 +378,10 @@ def _console_rows(text: str) -> Rows:
             seen.setdefault(tuple(name for name, _ in pairs), []).append((k, i, pairs))
     for form, printed in seen.items():
         first, last = printed[0][0] == 0, printed[-1][0] == len(main)  # printed before the first / after the last step
-        between = [(i - main[k - 1][0], main[k][0] - i) for k, i, _ in printed if 0 < k < len(main)]
-        after = last if first != last else not first or 2 * sum(behind < ahead for behind, ahead in between) >= len(
-            between)
+        after = last or not first  # of the step line before it
+        if first and last:
+            between = [(i - main[k - 1][0], main[k][0] - i) for k, i, _ in printed if 0 < k < len(main)]
+            after = 2 * sum(behind < ahead for behind, ahead in between) >= len(between)
         at_step = {}
         for k, _, pairs in printed:
             if (k - after) not in at_step and 0 <= k - after < len(main):
