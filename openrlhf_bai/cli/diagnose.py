@@ -40,12 +40,13 @@ ASIDE = {"eval", "val", "test", "std", "min", "max"}
 def names_like(rows, signal: str) -> str:
     """The logged numeric metrics whose name holds a word of `signal` (at most five, as first logged), or ""."""
     known = {key for keys in SIGNAL_KEYS.values() for key in keys}
+    parts = lambda key: set(re.split(r"[^a-z0-9]+", key.lower()))  # noqa: E731
     names = {key: None for _, metrics in rows for key in metrics if key not in known
              and any(part == word or len(word) > 4 and part.startswith(word)  # rewards, tokens_per_turn
-                     for part in re.split(r"[^a-z0-9]+", key.lower()) for word in SIGNAL_WORDS[signal])}
+                     for part in parts(key) for word in SIGNAL_WORDS[signal])}
     numeric = [key for key in names if any(first_value(metrics, (key,)) is not None for _, metrics in rows)]
     # The training level first: an evaluation's or a spread's name (eval_reward, reward_std) is rarely the one wanted.
-    numeric.sort(key=lambda key: bool(ASIDE & set(re.split(r"[^a-z0-9]+", key.lower()))))
+    numeric.sort(key=lambda key: bool(ASIDE & parts(key)))
     return ", ".join(numeric[:5])
 
 

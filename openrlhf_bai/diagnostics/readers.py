@@ -335,10 +335,13 @@ def _console_step(segment: str) -> tuple[str, int, dict] | None:
     match = CONSOLE_STEP.search(segment)
     if not match or DEEPSPEED_TIMER.search(segment):
         return None
-    rest = segment[: match.start()] + " | " + segment[match.end():]
-    metrics = {_strip(name): float(value.replace(",", "")) for name, value in CONSOLE_ITEM.findall(rest)}
+    metrics = _console_pairs(segment[: match.start()] + " | " + segment[match.end():])
     form = re.sub(r"[\d\s]", "", segment[: match.start(1)])
     return (form, int(match.group(1)), metrics) if len(metrics) >= 2 else None
+
+
+def _console_pairs(text: str) -> dict:
+    return {_strip(name): float(value.replace(",", "")) for name, value in CONSOLE_ITEM.findall(text)}
 
 
 def _console_rows(text: str) -> Rows:
@@ -374,8 +377,8 @@ def _console_rows(text: str) -> Rows:
         if k < len(main) and main[k][0] == i:
             k += 1
         elif (not parsed[i] and line.rstrip(" |,;")[-1:].isdigit()  # a quick no for prose and most lines
-              and (pairs := CONSOLE_ITEM.findall(line)) and not CONSOLE_ITEM.sub("", line).strip(" |,;")):
-            seen.setdefault(tuple(name for name, _ in pairs), []).append((k, i, pairs))
+              and (pairs := _console_pairs(line)) and not CONSOLE_ITEM.sub("", line).strip(" |,;")):
+            seen.setdefault(tuple(pairs), []).append((k, i, pairs))
     for form, printed in seen.items():
         first, last = printed[0][0] == 0, printed[-1][0] == len(main)  # printed before the first / after the last step
         after = last or not first  # of the step line before it
@@ -385,10 +388,9 @@ def _console_rows(text: str) -> Rows:
         at_step = {}
         for k, _, pairs in printed:
             if (k - after) not in at_step and 0 <= k - after < len(main):
-                at_step[k - after] = {_strip(name): float(value.replace(",", "")) for name, value in pairs}
-        form_names = {_strip(name) for name in form}
-        if 2 * len(at_step) >= len(main) and not names & form_names:
-            names |= form_names
+                at_step[k - after] = pairs
+        if 2 * len(at_step) >= len(main) and not names & set(form):
+            names |= set(form)
             for k, metrics in at_step.items():
                 merged[k].update(metrics)
     rows = Rows()
